@@ -1,1 +1,179 @@
+//! Harness for the integration tests: run a shell command that uses `vmm` where real
+//! KVM can boot Linux guests, and collect its output and exit status.
+//!
+//! Where the command runs is chosen by `VMM_TEST_KVM`:
+//! - `host` (the default): inside the KVM test host (`tests/kvm-host/run`), a QEMU TCG
+//!   VM with nested AMD-V, for machines whose own KVM cannot boot Linux quickly;
+//! - `local`: directly on this machine's `/dev/kvm`.
+//!
+//! Either way the command sees a statically linked `vmm` on `PATH` and runs in the
+//! workspace root, so `guest-images/out/...` paths work. Nothing here skips: if the
+//! images or KVM are missing, the test fails and says what to do.
 
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// The statically linked vmm the tests run.
+pub fn vmm_binary() -> PathBuf {
+    root().join("target/x86_64-unknown-linux-gnu/release/vmm")
+}
+
+/// Build the static vmm once per test process.
+pub fn build_vmm() -> &'static Path {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let status = Command::new(env!("CARGO"))
+            .args([
+                "build",
+                "--release",
+                "-p",
+                "vmm",
+                "--target",
+                "x86_64-unknown-linux-gnu",
+            ])
+            .env("RUSTFLAGS", "-C target-feature=+crt-static")
+            .current_dir(root())
+            .status()
+            .expect("run cargo to build the static vmm");
+        assert!(status.success(), "building the static vmm failed");
+        vmm_binary()
+    })
+}
+
+/// Where the guests run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvmMode {
+    TestHost,
+    Local,
+}
+
+pub fn mode() -> KvmMode {
+    match std::env::var("VMM_TEST_KVM").as_deref() {
+        Ok("local") => KvmMode::Local,
+        Ok("host") | Err(_) => KvmMode::TestHost,
+        Ok(other) => panic!("VMM_TEST_KVM={other}: expected 'host' or 'local'"),
+    }
+}
+
+/// The result of one command.
+#[derive(Debug)]
+pub struct Run {
+    pub status: Option<i32>,
+    pub output: String,
+    pub elapsed: Duration,
+}
+
+impl Run {
+    /// Panic with the whole output unless `needle` appears in it.
+    pub fn expect(&self, needle: &str) -> &Self {
+        assert!(
+            self.output.contains(needle),
+            "expected {needle:?} in the output:\n{}",
+            self.output
+        );
+        self
+    }
+
+    pub fn expect_status(&self, status: i32) -> &Self {
+        assert_eq!(
+            self.status,
+            Some(status),
+            "unexpected exit status; output:\n{}",
+            self.output
+        );
+        self
+    }
+}
+
+/// Guest image paths, checked to exist.
+pub fn image(rel: &str) -> String {
+    let p = root().join("guest-images/out").join(rel);
+    assert!(
+        p.exists(),
+        "{} is missing: run guest-images/build.sh first",
+        p.display()
+    );
+    format!("guest-images/out/{rel}")
+}
+
+/// Run `command` (a `sh -c` string that may call `vmm`) where KVM can boot guests.
+/// Runs are serialized: the test host wants both cores.
+pub fn run_guest(command: &str, timeout: Duration) -> Run {
+    static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+    let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    build_vmm();
+    let start = Instant::now();
+    let mut cmd = match mode() {
+        KvmMode::TestHost => {
+            let mut c = Command::new(root().join("tests/kvm-host/run"));
+            c.args([
+                "--no-build",
+                "--timeout",
+                &timeout.as_secs().to_string(),
+                "--",
+                command,
+            ]);
+            c
+        }
+        KvmMode::Local => {
+            let mut c = Command::new("timeout");
+            let path = format!(
+                "{}:{}",
+                vmm_binary().parent().unwrap().display(),
+                std::env::var("PATH").unwrap_or_default()
+            );
+            c.args([&timeout.as_secs().to_string(), "sh", "-c", command])
+                .env("PATH", path);
+            c
+        }
+    };
+    let out = cmd
+        .current_dir(root())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot start the guest runner ({:?}): {e}", mode()));
+    let mut output = String::from_utf8_lossy(&out.stdout).into_owned();
+    output.push_str(&String::from_utf8_lossy(&out.stderr));
+    let run = Run {
+        status: out.status.code(),
+        output,
+        elapsed: start.elapsed(),
+    };
+    match run.status {
+        Some(124) => panic!("timed out after {timeout:?}:\n{}", run.output),
+        Some(125) if mode() == KvmMode::TestHost => {
+            panic!("the KVM test host failed (not the test):\n{}", run.output)
+        }
+        _ => {}
+    }
+    run
+}
+
+/// Run the static vmm directly on this machine with `args` (for input checks that
+/// fail before a guest starts).
+pub fn run_vmm_here(args: &[&str]) -> Run {
+    let start = Instant::now();
+    let out = Command::new(build_vmm())
+        .args(args)
+        .current_dir(root())
+        .stdin(Stdio::null())
+        .output()
+        .expect("start vmm");
+    let mut output = String::from_utf8_lossy(&out.stdout).into_owned();
+    output.push_str(&String::from_utf8_lossy(&out.stderr));
+    Run {
+        status: out.status.code(),
+        output,
+        elapsed: start.elapsed(),
+    }
+}

@@ -1,1 +1,118 @@
-fn main() {}
+//! The `vmm` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use vmm::layout::MIN_MEMORY;
+use vmm::size::{host_memory, parse_size};
+use vmm::vm::{self, Outcome, VmConfig};
+use vmm::VmmError;
+
+/// Exit status when the vmm itself fails (bad input, KVM unavailable).
+const EXIT_VMM_ERROR: u8 = 1;
+/// Exit status when the guest crashed (triple fault, kernel panic, internal error).
+const EXIT_GUEST_CRASHED: u8 = 3;
+
+const DEFAULT_CMDLINE: &str = "console=ttyS0 panic=-1 pci=off";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "vmm",
+    version,
+    about = "Boot an unmodified x86_64 Linux kernel under KVM.",
+    long_about = "Boot an unmodified x86_64 Linux kernel under KVM.\n\n\
+        The guest's first serial port (ttyS0) is this terminal: guest output goes to stdout and \
+        stdin goes to the guest. On a terminal, Ctrl-a x quits and Ctrl-a Ctrl-a sends Ctrl-a. \
+        Input piped into stdin is delivered whole, as fast as the guest reads it, followed by \
+        end-of-file.",
+    after_help = "Exit status:\n  \
+        0-255  the guest powered off or reset; the status its init wrote to port 0x501 (0 if none)\n  \
+        1      the vmm could not start the guest (bad input, KVM unavailable); the reason is on stderr\n  \
+        2      invalid command line\n  \
+        3      the guest crashed: kernel panic, triple fault, or KVM internal error (reason and \
+        registers on stderr)"
+)]
+struct Cli {
+    /// Kernel to boot: a bzImage or an ELF vmlinux, x86_64.
+    #[arg(long, value_name = "PATH")]
+    kernel: PathBuf,
+
+    /// Initial ramdisk (an initramfs cpio archive, optionally compressed) loaded with the kernel.
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+
+    /// Kernel command line. Words after a standalone `--` are passed to the guest's init
+    /// as arguments (the guest images run them as a shell command).
+    #[arg(long, value_name = "STR", default_value = DEFAULT_CMDLINE)]
+    cmdline: String,
+
+    /// Guest RAM: a number with an optional K, M, G or T suffix (a bare number is MiB).
+    #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = parse_size)]
+    memory: u64,
+
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..))]
+    cpus: u8,
+}
+
+fn validate(cli: &Cli) -> Result<VmConfig, VmmError> {
+    if cli.memory < MIN_MEMORY {
+        return Err(VmmError::Config(format!(
+            "--memory {} MiB is too small: a Linux guest needs at least {} MiB",
+            cli.memory >> 20,
+            MIN_MEMORY >> 20
+        )));
+    }
+    if let Some(host) = host_memory() {
+        if cli.memory > host {
+            return Err(VmmError::Config(format!(
+                "--memory {} MiB is more than this host's {} MiB of RAM",
+                cli.memory >> 20,
+                host >> 20
+            )));
+        }
+    }
+    // Check the files before touching KVM, so a typo is reported as a typo.
+    vmm::boot::check_kernel_file(&cli.kernel)?;
+    if let Some(initrd) = &cli.initrd {
+        std::fs::File::open(initrd).map_err(|source| {
+            VmmError::Boot(vmm::boot::BootError::Open {
+                what: "initrd",
+                path: initrd.clone(),
+                source,
+            })
+        })?;
+    }
+    Ok(VmConfig {
+        kernel: cli.kernel.clone(),
+        initrd: cli.initrd.clone(),
+        cmdline: cli.cmdline.clone(),
+        mem_size: cli.memory,
+        cpus: cli.cpus,
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = validate(&cli).and_then(|cfg| vm::run(&cfg));
+    match result {
+        Ok(Outcome::Stopped { status, .. }) => ExitCode::from(status),
+        Ok(Outcome::UserQuit) => {
+            eprintln!("\r\nvmm: quit (Ctrl-a x)");
+            ExitCode::SUCCESS
+        }
+        Ok(Outcome::Panicked) => {
+            eprintln!("vmm: guest kernel panicked");
+            ExitCode::from(EXIT_GUEST_CRASHED)
+        }
+        Ok(Outcome::Crashed { vcpu, reason, regs }) => {
+            eprintln!("vmm: guest crashed on vCPU {vcpu}: {reason}\n{regs}");
+            ExitCode::from(EXIT_GUEST_CRASHED)
+        }
+        Err(e) => {
+            eprintln!("vmm: error: {e}");
+            ExitCode::from(EXIT_VMM_ERROR)
+        }
+    }
+}
