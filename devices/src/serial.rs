@@ -9,13 +9,19 @@
 //! the port, so this is also the flow control: input piped into the vmm long before the
 //! guest reads it arrives whole and in order.
 //!
+//! The guest also sets the bit for a moment while probing the UART (autoconfig writes
+//! IER = 0x0f and reads it back) and then clears the receive register by reading it.
+//! So whenever the guest turns the received-data interrupt off, the bytes still in the
+//! FIFO go back to the front of `pending`: the guest consumes input only while it has
+//! asked for it.
+//!
 //! When the host input ends, one end-of-file character (^D) follows the last byte, so a
 //! shell in the guest sees end of input.
 
 use std::collections::VecDeque;
 use std::io::Write;
 
-use vm_superio::serial::NoEvents;
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 
 use crate::{GuestEvent, PioDevice};
@@ -25,13 +31,18 @@ const IER: u16 = 1;
 const LCR: u16 = 3;
 const IER_RECEIVED_DATA: u8 = 0x01;
 const LCR_DLAB: u8 = 0x80;
+const IIR_NONE: u8 = 0x01;
+const IIR_RECEIVED_DATA: u8 = 0x04;
+const LSR_DATA_READY: u8 = 0x01;
 const FIFO_SIZE: usize = 64;
 /// ASCII EOT: the tty's default VEOF character.
 const EOF_CHAR: u8 = 0x04;
 
 /// A COM port whose input comes from the host and whose output goes to `W`.
-pub struct SerialConsole<T: Trigger, W: Write> {
-    uart: Serial<T, NoEvents, W>,
+pub struct SerialConsole<T: Trigger + Clone, W: Write> {
+    /// Always `Some`; an `Option` only so the model can be rebuilt from its state.
+    uart: Option<Serial<T, NoEvents, W>>,
+    trigger: T,
     /// Shadows of the registers that decide whether the guest is receiving.
     ier: u8,
     lcr: u8,
@@ -42,11 +53,12 @@ pub struct SerialConsole<T: Trigger, W: Write> {
     eof_sent: bool,
 }
 
-impl<T: Trigger, W: Write> SerialConsole<T, W> {
+impl<T: Trigger + Clone, W: Write> SerialConsole<T, W> {
     /// A console raising its interrupt through `trigger` and writing guest output to `out`.
     pub fn new(trigger: T, out: W) -> Self {
         SerialConsole {
-            uart: Serial::new(trigger, out),
+            uart: Some(Serial::new(trigger.clone(), out)),
+            trigger,
             ier: 0,
             lcr: 0,
             pending: VecDeque::new(),
@@ -74,7 +86,30 @@ impl<T: Trigger, W: Write> SerialConsole<T, W> {
 
     /// The output sink.
     pub fn writer_mut(&mut self) -> &mut W {
-        self.uart.writer_mut()
+        self.uart().writer_mut()
+    }
+
+    fn uart(&mut self) -> &mut Serial<T, NoEvents, W> {
+        self.uart.as_mut().expect("the UART model is only absent inside take_back_fifo")
+    }
+
+    /// Move the bytes the guest has not read out of the FIFO, back to the front of `pending`.
+    fn take_back_fifo(&mut self) {
+        let Some(uart) = self.uart.take() else { return };
+        let mut state: SerialState = uart.state();
+        let out = uart.into_writer();
+        for &b in state.in_buffer.iter().rev() {
+            self.pending.push_front(b);
+        }
+        state.in_buffer.clear();
+        state.line_status &= !LSR_DATA_READY;
+        state.interrupt_identification &= !IIR_RECEIVED_DATA;
+        if state.interrupt_identification & 0x0f == 0 {
+            state.interrupt_identification |= IIR_NONE;
+        }
+        // from_state fails only for an over-full FIFO; this one is empty.
+        let rebuilt = Serial::from_state(&state, self.trigger.clone(), NoEvents, out);
+        self.uart = Some(rebuilt.unwrap_or_else(|_| unreachable!("an empty FIFO always fits")));
     }
 
     fn receiving(&self) -> bool {
@@ -87,7 +122,7 @@ impl<T: Trigger, W: Write> SerialConsole<T, W> {
             return;
         }
         if !self.pending.is_empty() {
-            let room = self.uart.fifo_capacity();
+            let room = self.uart().fifo_capacity();
             let n = room.min(self.pending.len());
             if n == 0 {
                 return;
@@ -96,15 +131,15 @@ impl<T: Trigger, W: Write> SerialConsole<T, W> {
             // Cannot fail: we never enqueue more than the FIFO's free space, and a
             // failing trigger (eventfd write) only delays the interrupt until the
             // guest's next register access.
-            let _ = self.uart.enqueue_raw_bytes(&chunk);
-        } else if self.input_closed && !self.eof_sent && self.uart.fifo_capacity() == FIFO_SIZE {
+            let _ = self.uart().enqueue_raw_bytes(&chunk);
+        } else if self.input_closed && !self.eof_sent && self.uart().fifo_capacity() == FIFO_SIZE {
             self.eof_sent = true;
-            let _ = self.uart.enqueue_raw_bytes(&[EOF_CHAR]);
+            let _ = self.uart().enqueue_raw_bytes(&[EOF_CHAR]);
         }
     }
 }
 
-impl<T: Trigger, W: Write + Send> PioDevice for SerialConsole<T, W>
+impl<T: Trigger + Clone, W: Write + Send> PioDevice for SerialConsole<T, W>
 where
     T: Send,
 {
@@ -114,7 +149,7 @@ where
             return;
         };
         if let Some(first) = data.first_mut() {
-            *first = self.uart.read(reg);
+            *first = self.uart().read(reg);
         }
         if offset == DATA {
             self.pump();
@@ -125,14 +160,18 @@ where
         let (Ok(reg), Some(&value)) = (u8::try_from(offset), data.first()) else {
             return None;
         };
+        let was_receiving = self.receiving();
         match offset {
             LCR => self.lcr = value,
             IER if self.lcr & LCR_DLAB == 0 => self.ier = value,
             _ => {}
         }
         // Output errors (a closed stdout) lose console output but must not stop the guest.
-        let _ = self.uart.write(reg, value);
+        let _ = self.uart().write(reg, value);
         if offset == IER || offset == LCR {
+            if was_receiving && !self.receiving() {
+                self.take_back_fifo();
+            }
             self.pump();
         }
         None
@@ -189,19 +228,43 @@ mod tests {
         c.write(IER, &[IER_RECEIVED_DATA]);
         c.queue_input(&[b'x'; 100]);
         c.close_input();
-        // Throttle: the driver clears IER; the FIFO holds at most 64 bytes.
+        // Throttle: the driver clears IER; what it has not read goes back to pending.
+        let first = read_byte(&mut c);
         c.write(IER, &[0]);
-        let mut got = Vec::new();
-        while lsr_data_ready(&mut c) {
-            got.push(read_byte(&mut c));
-        }
-        assert_eq!(got.len(), FIFO_SIZE);
+        assert!(!lsr_data_ready(&mut c), "nothing is offered while throttled");
+        assert_eq!(c.pending_len(), 99);
         c.write(IER, &[IER_RECEIVED_DATA]);
+        let mut got = vec![first];
         while lsr_data_ready(&mut c) {
             got.push(read_byte(&mut c));
         }
         assert_eq!(&got[..100], &[b'x'; 100][..]);
         assert_eq!(&got[100..], &[EOF_CHAR], "exactly one EOF after the data");
+    }
+
+    #[test]
+    fn a_probe_that_flashes_ier_and_flushes_rx_loses_nothing() {
+        // What Linux's 8250 autoconfig and start-up do, in this order.
+        let mut c = SerialConsole::new(Count::default(), Vec::new());
+        c.queue_input(b"echo hello\n");
+        c.write(IER, &[0x0f]);
+        let mut ier = [0u8];
+        c.read(IER, &mut ier);
+        assert_eq!(ier[0], 0x0f);
+        c.write(IER, &[0]);
+        for _ in 0..3 {
+            read_byte(&mut c); // "clear the receive register"
+        }
+        assert!(!lsr_data_ready(&mut c));
+        let mut iir = [0u8];
+        c.read(2, &mut iir);
+        assert_ne!(iir[0] & 0x0f, IIR_RECEIVED_DATA, "no stale received-data interrupt");
+        c.write(IER, &[0x05]);
+        let mut got = Vec::new();
+        while lsr_data_ready(&mut c) {
+            got.push(read_byte(&mut c));
+        }
+        assert_eq!(got, b"echo hello\n");
     }
 
     #[test]

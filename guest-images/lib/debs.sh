@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared helpers for fetching Debian packages without installing them.
 # Sourced by guest-images/build.sh and tests/kvm-host/run.
 
@@ -29,4 +30,13 @@ unpack_deb() {
 cloud_kernel_pkg() {
     apt-cache depends linux-image-cloud-amd64 2>/dev/null |
         awk '/Depends: linux-image-[0-9]/ {print $2; exit}'
+}
+
+# linux_source_pkg: the versioned package name behind linux-source,
+# e.g. linux-source-6.1 (falls back to linux-source-6.1).
+linux_source_pkg() {
+    local p
+    p=$(apt-cache depends linux-source 2>/dev/null |
+        awk '/Depends: linux-source-[0-9]/ {print $2; exit}')
+    printf '%s\n' "${p:-linux-source-6.1}"
 }

@@ -35,7 +35,9 @@ impl<M: Machine> Kernel<M> {
                     State::RecvBlocked(Receive { from: Peer::Irq(n), .. }) if n == irq => {
                         self.deliver_irq(h, irq)
                     }
-                    _ => self.irqs[irq as usize].pending = true,
+                    _ => {
+                        self.set_pending(irq, true);
+                    }
                 }
             }
         }
@@ -57,12 +59,28 @@ impl<M: Machine> Kernel<M> {
 
     /// A pending interrupt attached to `to`.
     pub(crate) fn pending_irq_of(&self, to: ThreadId) -> Option<u16> {
+        if self.irqs_pending == 0 {
+            return None;
+        }
         self.irqs.iter().position(|l| l.pending && l.handler == to).map(|n| n as u16)
     }
 
     /// Clear the pending flag of line `n`; returns whether it was set.
     pub(crate) fn take_pending(&mut self, n: u16) -> bool {
-        self.irqs.get_mut(n as usize).is_some_and(|l| core::mem::replace(&mut l.pending, false))
+        self.set_pending(n, false)
+    }
+
+    /// Set or clear the pending flag of line `n`, keeping `irqs_pending` (the number of
+    /// pending lines) right; returns the old flag. Every change of a flag goes here.
+    fn set_pending(&mut self, n: u16, pending: bool) -> bool {
+        let Some(line) = self.irqs.get_mut(n as usize) else { return false };
+        let old = core::mem::replace(&mut line.pending, pending);
+        match (old, pending) {
+            (false, true) => self.irqs_pending += 1,
+            (true, false) => self.irqs_pending -= 1,
+            _ => {}
+        }
+        old
     }
 
     /// Detach every line attached to `t`.
@@ -75,6 +93,7 @@ impl<M: Machine> Kernel<M> {
     }
 
     fn detach(&mut self, n: u16) {
+        self.set_pending(n, false);
         let old = core::mem::replace(&mut self.irqs[n as usize], Irq::NONE);
         self.machine.irq_mask(n);
         if let Some(h) = self.live(old.handler) {
@@ -107,6 +126,7 @@ impl<M: Machine> Kernel<M> {
                 if line.handler != thread && self.live(line.handler).is_some() {
                     return Err(Error::InUse);
                 }
+                self.set_pending(irq, false);
                 self.irqs[irq as usize] = Irq { handler: thread, pending: false };
                 self.machine.irq_unmask(irq);
                 Ok([0, 0])

@@ -66,6 +66,8 @@ pub struct Kernel<M: Machine> {
     pub(crate) mapdb: MapDb,
     pub(crate) sched: Sched,
     pub(crate) irqs: Vec<Irq>,
+    /// How many lines in `irqs` are pending (lets IPC skip the scan when none is).
+    pub(crate) irqs_pending: usize,
 }
 
 /// Index of the root task and of the root thread's slot.
@@ -99,6 +101,7 @@ impl<M: Machine> Kernel<M> {
             mapdb: MapDb::new(c.tasks as usize, c.mappings as usize, user),
             sched: Sched::new(c.threads as usize),
             irqs: alloc::vec![Irq::NONE; c.irqs as usize],
+            irqs_pending: 0,
         };
         // The tables are empty, so both land in slot 0 (`ROOT`).
         let task = kernel.create_task(true).map_err(|_| BootError::NoMemory)?;
@@ -223,6 +226,7 @@ impl<M: Machine> Kernel<M> {
         for irq in &self.irqs {
             assert!(irq.handler == ThreadId::NIL || self.live(irq.handler).is_some());
         }
+        assert_eq!(self.irqs.iter().filter(|l| l.pending).count(), self.irqs_pending);
         if let Some(c) = self.sched.current {
             assert_eq!(self.threads[c].state, State::Ready, "current thread not ready");
         }

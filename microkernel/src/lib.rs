@@ -35,8 +35,10 @@
 //! 4. Implement [`Machine`]: page-table changes, interrupt masking, console output.
 //!    The `alloc` heap must hold the tables that [`Config`] sizes.
 //!
-//! Files: `abi` (the ABI shared with user space), `kernel` (state, boot), `thread`,
-//! `task`, `ipc`, `mapdb`, `sched`, `fault`, `irq`, `syscalls` (decoder and dispatcher),
+//! Files: `abi` (the ABI shared with user space), `bootinfo` (the vmm-to-kernel boot
+//! protocol and the user layout), `kernel` (state, boot), `thread`,
+//! `task`, `ipc`, `fastpath` (call/reply_wait in one straight line), `mapdb`, `sched`,
+//! `fault`, `irq`, `syscalls` (decoder and dispatcher),
 //! `machine` (the arch interface), `list` (intrusive queues).
 
 #![no_std]
@@ -47,6 +49,8 @@ extern crate alloc;
 extern crate std;
 
 pub mod abi;
+pub mod bootinfo;
+mod fastpath;
 mod fault;
 mod ipc;
 mod irq;

@@ -70,7 +70,7 @@ impl Sched {
     }
 
     /// The highest priority with a queued thread.
-    fn highest(&self) -> Option<u8> {
+    pub(crate) fn highest(&self) -> Option<u8> {
         let w = (0..self.nonempty.len()).rev().find(|&w| self.nonempty[w] != 0)?;
         Some((w * 64 + 63 - self.nonempty[w].leading_zeros() as usize) as u8)
     }

@@ -25,6 +25,18 @@
 //! | 0x0501      | exit-status port: the guest writes the vmm's exit status |
 //! | 0x0505      | pvpanic: bit 0 set = guest kernel panicked               |
 //! | 0x0600      | ACPI sleep control/status and reset register             |
+//!
+//! VM0 (`vmm --microkernel`, see `mk`) has no UART model, ACPI or PIT; its ports:
+//!
+//! | port        | VM0 device                                               |
+//! |-------------|----------------------------------------------------------|
+//! | 0x3f8       | console: bytes written to COM1's THR go to stdout        |
+//! | 0x0510      | exit: the vmm exits at once with the byte written        |
+//! | 0x0511      | raise IRQ: pulse IOAPIC pin n (the byte written), edge   |
+//! | 0x0512      | step count: n != 0 starts counting instructions by CPL   |
+//! |             | (single-step) for n round trips, 0 stops and prints      |
+//!
+//! The kernel opens 0x510..=0x512 to user mode (TSS I/O bitmap).
 
 /// Start of the GDT the vCPU starts with.
 pub const BOOT_GDT_START: u64 = 0x500;
@@ -81,6 +93,12 @@ pub const EXIT_PORT: u16 = 0x501;
 pub const PVPANIC_PORT: u16 = 0x505;
 /// ACPI hardware-reduced sleep control/status and reset register.
 pub const ACPI_PM_PORT: u16 = 0x600;
+/// VM0: exit now with the status written.
+pub const MK_EXIT_PORT: u16 = 0x510;
+/// VM0: pulse the IOAPIC pin written (interrupt source for interrupts-as-IPC tests).
+pub const MK_RAISE_IRQ_PORT: u16 = 0x511;
+/// VM0: start (n round trips follow) or stop (0) counting instructions by single-step.
+pub const MK_STEP_PORT: u16 = 0x512;
 /// First interrupt line for virtio-mmio devices (lines 5.. avoid the ISA devices).
 pub const VIRTIO_IRQ_BASE: u32 = 5;
 

@@ -4,7 +4,7 @@
 //!
 //! Module map: `layout` (guest physical memory map), `boot` (kernel/initrd/zero page),
 //! `acpi` (tables), `cpuid` and `regs` (vCPU state), `vm` (building and running a guest),
-//! `bus` and `irq` (device plumbing), `console` (terminal and stdin), `pvm` (kvm-pvm
+//! `bus` and `irq` (device plumbing), `mk` (VM0: the embedded microkernel), `console` (terminal and stdin), `pvm` (kvm-pvm
 //! quirks), `size` (memory-size parsing).
 
 pub mod acpi;
@@ -14,6 +14,7 @@ pub mod console;
 pub mod cpuid;
 pub mod irq;
 pub mod layout;
+pub mod mk;
 pub mod pvm;
 pub mod regs;
 pub mod size;

@@ -35,8 +35,22 @@ const DEFAULT_CMDLINE: &str = "console=ttyS0 panic=-1 pci=off";
 )]
 struct Cli {
     /// Kernel to boot: a bzImage or an ELF vmlinux, x86_64.
-    #[arg(long, value_name = "PATH")]
-    kernel: PathBuf,
+    #[arg(long, value_name = "PATH", required_unless_present = "microkernel")]
+    kernel: Option<PathBuf>,
+
+    /// Boot the embedded microkernel alone in its own VM (VM0) instead of Linux.
+    #[arg(long, conflicts_with_all = ["kernel", "initrd"])]
+    microkernel: bool,
+
+    /// With --microkernel: run every test task, print `PASS <name>` or `FAIL <name>` per
+    /// test, exit 0 exactly when all pass.
+    #[arg(long, requires = "microkernel", conflicts_with = "bench_ipc")]
+    selftest: bool,
+
+    /// With --microkernel: the IPC micro-benchmark (call + reply_wait round trip between
+    /// two address spaces: guest TSC cycles and ring-0 instructions per round trip).
+    #[arg(long, requires = "microkernel")]
+    bench_ipc: bool,
 
     /// Initial ramdisk (an initramfs cpio archive, optionally compressed) loaded with the kernel.
     #[arg(long, value_name = "PATH")]
@@ -73,8 +87,12 @@ fn validate(cli: &Cli) -> Result<VmConfig, VmmError> {
             )));
         }
     }
+    let kernel = cli
+        .kernel
+        .clone()
+        .expect("clap requires --kernel without --microkernel");
     // Check the files before touching KVM, so a typo is reported as a typo.
-    vmm::boot::check_kernel_file(&cli.kernel)?;
+    vmm::boot::check_kernel_file(&kernel)?;
     if let Some(initrd) = &cli.initrd {
         std::fs::File::open(initrd).map_err(|source| {
             VmmError::Boot(vmm::boot::BootError::Open {
@@ -85,7 +103,7 @@ fn validate(cli: &Cli) -> Result<VmConfig, VmmError> {
         })?;
     }
     Ok(VmConfig {
-        kernel: cli.kernel.clone(),
+        kernel,
         initrd: cli.initrd.clone(),
         cmdline: cli.cmdline.clone(),
         mem_size: cli.memory,
@@ -95,7 +113,16 @@ fn validate(cli: &Cli) -> Result<VmConfig, VmmError> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = validate(&cli).and_then(|cfg| vm::run(&cfg));
+    let result = if cli.microkernel {
+        let mode = match (cli.selftest, cli.bench_ipc) {
+            (true, _) => vmm::mk::Mode::Selftest,
+            (_, true) => vmm::mk::Mode::BenchIpc,
+            _ => vmm::mk::Mode::Boot,
+        };
+        vmm::mk::run(mode)
+    } else {
+        validate(&cli).and_then(|cfg| vm::run(&cfg))
+    };
     match result {
         Ok(Outcome::Stopped { status, .. }) => ExitCode::from(status),
         Ok(Outcome::UserQuit) => {

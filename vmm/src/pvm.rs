@@ -79,6 +79,8 @@ enum Effect {
     AlignmentCheck(bool),
     /// Clear the x87 exception flags.
     ClearFpuExceptions,
+    /// Only advance RIP.
+    Nothing,
 }
 
 /// Decode the few instructions we complete: returns (name, length, effect).
@@ -89,6 +91,9 @@ fn decode(bytes: &[u8]) -> Option<(&'static str, u64, Effect)> {
         [0x0f, 0x01, 0xcb, ..] => Some(("stac", 3, Effect::AlignmentCheck(true))),
         [0xdb, 0xe2, ..] => Some(("fnclex", 2, Effect::ClearFpuExceptions)),
         [0x9b, 0xdb, 0xe2, ..] => Some(("fclex", 3, Effect::ClearFpuExceptions)),
+        // WAIT/FWAIT: raises #MF only if an unmasked x87 exception is pending, which
+        // the FPU state we give the guest never has; otherwise it does nothing.
+        [0x9b, ..] => Some(("fwait", 1, Effect::Nothing)),
         _ => None,
     }
 }
@@ -135,6 +140,7 @@ pub fn complete_instruction(vcpu: &mut VcpuFd, mem: &GuestMemoryMmap) -> Complet
     regs.rip = regs.rip.wrapping_add(len);
     let applied = match effect {
         Effect::Breakpoint => vcpu.set_regs(&regs).is_ok() && inject_breakpoint(vcpu),
+        Effect::Nothing => vcpu.set_regs(&regs).is_ok(),
         Effect::AlignmentCheck(set) => {
             const AC: u64 = 1 << 18;
             regs.rflags = if set {
@@ -188,6 +194,7 @@ mod tests {
             Some(Effect::AlignmentCheck(true))
         );
         assert_eq!(decode(&[0x9b, 0xdb, 0xe2]).map(|d| d.1), Some(3));
+        assert_eq!(decode(&[0x9b, 0x65, 0x48]).map(|d| (d.0, d.1)), Some(("fwait", 1)));
         // POPCNT, XRSTOR, CMPXCHG16B and truncated input are not completed.
         assert_eq!(decode(&[0xf3, 0x0f, 0xb8, 0xc0]), None);
         assert_eq!(decode(&[0x0f, 0xae, 0x2f]), None);

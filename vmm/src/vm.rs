@@ -143,7 +143,7 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome, VmmError> {
     if quirks {
         eprintln!(
             "vmm: kvm-pvm host detected (/sys/module/kvm_pvm): quirks active: kernel parameters '{}', \
-             CPUID hides XSAVE/SMAP/SMEP/POPCNT/CX16, INT3/CLAC/STAC/FNCLEX completed in the vmm",
+             CPUID hides XSAVE/SMAP/SMEP/POPCNT/CX16, INT3/CLAC/STAC/FNCLEX/FWAIT completed in the vmm",
             pvm::KERNEL_PARAMS
         );
     }
@@ -188,7 +188,7 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome, VmmError> {
     vm.register_irqfd(&com1_evt, COM1_IRQ)
         .map_err(kvm_err("register the COM1 irqfd"))?;
     let console: Console = Arc::new(Mutex::new(SerialConsole::new(
-        IrqTrigger(com1_evt),
+        IrqTrigger(Arc::new(com1_evt)),
         PanicWatch::new(io::stdout(), state.clone()),
     )));
     let mut bus = PioBus::default();
@@ -264,12 +264,12 @@ fn split_init_args(cmdline: &str) -> (&str, Option<&str>) {
     (cmdline, None)
 }
 
-fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
+pub(crate) fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
     move |e| VmmError::Kvm(format!("cannot {what}: {e}"))
 }
 
 /// Guest RAM, mapped into the VM as one memory slot per region.
-fn create_memory(vm: &VmFd, mem_size: u64) -> Result<GuestMemoryMmap, VmmError> {
+pub(crate) fn create_memory(vm: &VmFd, mem_size: u64) -> Result<GuestMemoryMmap, VmmError> {
     let ranges: Vec<(GuestAddress, usize)> = layout::ram_regions(mem_size)
         .into_iter()
         .map(|(a, s)| (GuestAddress(a), s as usize))
@@ -379,7 +379,7 @@ fn run_vcpu(
 }
 
 /// The vCPU's registers on two lines, for crash reports.
-fn dump_regs(vcpu: &VcpuFd) -> String {
+pub(crate) fn dump_regs(vcpu: &VcpuFd) -> String {
     let (Ok(r), Ok(s)) = (vcpu.get_regs(), vcpu.get_sregs()) else {
         return "registers unavailable".into();
     };

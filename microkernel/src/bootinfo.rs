@@ -1,0 +1,136 @@
+//! The boot protocol between the vmm and the kernel in VM0, and the fixed user-space
+//! layout the kernel and the root task agree on.
+//!
+//! The vmm loads the kernel ELF and the root task's image (the boot module), writes a
+//! [`BootInfo`] as little-endian words at guest-physical `BOOT_INFO_ADDR`, and starts the
+//! vCPU in 64-bit mode at the kernel entry with `rsi` pointing at it. Plain data: the
+//! encoding is a fixed array of words so both sides agree without shared layouts.
+
+/// `BootInfo::to_words()[0]`.
+pub const MAGIC: u64 = 0x4d4b_424f_4f54_0001;
+/// Root image regions the vmm can hand over.
+pub const MAX_REGIONS: usize = 8;
+/// Words in the encoded boot information.
+pub const WORDS: usize = 7 + 4 * MAX_REGIONS;
+
+/// What the root task should do (passed to it in `rdx`).
+pub mod mode {
+    /// Boot, say hello, power off.
+    pub const BOOT: u64 = 0;
+    /// Run every test task, print PASS/FAIL lines, exit with 0 iff all passed.
+    pub const SELFTEST: u64 = 1;
+    /// The IPC micro-benchmark.
+    pub const BENCH: u64 = 2;
+}
+
+/// `BootInfo::flags`.
+pub mod flags {
+    /// Tasks enter the kernel with `int3` instead of `syscall`: kvm-pvm neither
+    /// switches to ring 0 on SYSCALL nor delivers `int n` from user mode for a guest
+    /// that is not PVM-aware (it raises #UD), but it delivers #BP. Passed to the root
+    /// task in `r8`.
+    pub const INT_SYSCALL: u64 = 1;
+}
+
+/// The vector of the trap system-call entry (`int3`; same registers as SYSCALL).
+pub const SYSCALL_VECTOR: u8 = 3;
+
+/// User virtual layout (all inside the kernel's user range).
+pub mod layout {
+    /// First user address; the kernel owns the first GiB (identity map, supervisor).
+    pub const USER_START: u64 = 0x4000_0000;
+    /// End of the user range (the 3..4 GiB MMIO window stays the kernel's).
+    pub const USER_END: u64 = 0xC000_0000;
+    /// Where task images are linked.
+    pub const IMAGE_BASE: u64 = 0x4000_0000;
+    /// The root task's pool of free memory (every frame the kernel does not keep).
+    pub const POOL_BASE: u64 = 0x5000_0000;
+    /// Top of the root task's initial stack (`ROOT_STACK_SIZE` bytes below are mapped).
+    pub const ROOT_STACK_TOP: u64 = 0x7fff_f000;
+    pub const ROOT_STACK_SIZE: u64 = 64 << 10;
+    /// Pager-served region: any page here is filled with a fresh zero page on a fault.
+    pub const LAZY_START: u64 = 0x8000_0000;
+    pub const LAZY_END: u64 = 0xa000_0000;
+}
+
+/// One part of the root image: `size` bytes at `paddr` to be mapped at `vaddr`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Region {
+    pub vaddr: u64,
+    pub paddr: u64,
+    pub size: u64,
+    /// `abi::Rights` bits.
+    pub rights: u64,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BootInfo {
+    /// Free physical memory for the kernel and the root task's pool.
+    pub free_start: u64,
+    pub free_end: u64,
+    pub mode: u64,
+    pub root_entry: u64,
+    pub regions: [Region; MAX_REGIONS],
+    pub nregions: u64,
+    pub flags: u64,
+}
+
+impl BootInfo {
+    pub fn to_words(&self) -> [u64; WORDS] {
+        let mut w = [0; WORDS];
+        w[..6].copy_from_slice(&[
+            MAGIC,
+            self.free_start,
+            self.free_end,
+            self.mode,
+            self.root_entry,
+            self.nregions,
+        ]);
+        w[WORDS - 1] = self.flags;
+        for (i, r) in self.regions.iter().enumerate() {
+            w[6 + 4 * i..10 + 4 * i].copy_from_slice(&[r.vaddr, r.paddr, r.size, r.rights]);
+        }
+        w
+    }
+
+    pub fn from_words(w: &[u64; WORDS]) -> Option<Self> {
+        if w[0] != MAGIC || w[5] > MAX_REGIONS as u64 {
+            return None;
+        }
+        let mut b = BootInfo {
+            free_start: w[1],
+            free_end: w[2],
+            mode: w[3],
+            root_entry: w[4],
+            nregions: w[5],
+            flags: w[WORDS - 1],
+            ..Default::default()
+        };
+        for (i, r) in b.regions.iter_mut().enumerate() {
+            let s = &w[6 + 4 * i..10 + 4 * i];
+            *r = Region { vaddr: s[0], paddr: s[1], size: s[2], rights: s[3] };
+        }
+        Some(b)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip() {
+        let mut b = BootInfo {
+            free_start: 1,
+            free_end: 2,
+            mode: 1,
+            root_entry: 9,
+            flags: 1,
+            ..Default::default()
+        };
+        b.regions[0] = Region { vaddr: 0x4000_0000, paddr: 0x40_0000, size: 0x3000, rights: 5 };
+        b.nregions = 1;
+        assert_eq!(BootInfo::from_words(&b.to_words()), Some(b));
+        assert_eq!(BootInfo::from_words(&[0; WORDS]), None);
+    }
+}

@@ -1,0 +1,22 @@
+//! `mkrt`: the user-level runtime for tasks on the microkernel.
+//!
+//! System-call stubs (`sys`), the message API on top of `ipc` (`msg`), console output
+//! through `debug_write` (`print`), a page pool for the root task (`pool`), a bump heap (`heap`), the VM0
+//! test ports (`port`) and the symbols a freestanding binary needs (`lang`).
+//!
+//! Design rules: every kernel call goes through `sys::syscall`, the only inline
+//! assembly besides `port` and `lang`; results are `Result<_, u64>` with the raw
+//! status code (compare with `abi::Error::X as u64`). Nothing allocates on the heap.
+
+#![no_std]
+
+pub use microkernel::abi;
+pub use microkernel::bootinfo;
+
+pub mod heap;
+pub mod lang;
+pub mod msg;
+pub mod pool;
+pub mod port;
+pub mod print;
+pub mod sys;

@@ -1,0 +1,31 @@
+//! The root task's page pool: the memory the kernel gave it at `POOL_BASE`, handed out
+//! a page at a time (never freed: test runs are short). Safe to share between the
+//! root's threads.
+
+use core::sync::atomic::{AtomicU64, Ordering};
+
+pub struct Pool {
+    next: AtomicU64,
+    end: AtomicU64,
+}
+
+impl Pool {
+    pub const fn empty() -> Self {
+        Self { next: AtomicU64::new(0), end: AtomicU64::new(0) }
+    }
+
+    pub fn init(&self, base: u64, size: u64) {
+        self.next.store(base, Ordering::SeqCst);
+        self.end.store(base + size, Ordering::SeqCst);
+    }
+
+    /// The address of a fresh page (zero: the kernel hands over cleared memory).
+    pub fn page(&self) -> Option<u64> {
+        let p = self.next.fetch_add(4096, Ordering::SeqCst);
+        (p + 4096 <= self.end.load(Ordering::SeqCst)).then_some(p)
+    }
+
+    pub fn used(&self) -> u64 {
+        self.next.load(Ordering::SeqCst)
+    }
+}

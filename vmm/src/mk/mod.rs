@@ -1,0 +1,51 @@
+//! VM0: the microkernel in a KVM VM of its own (`vmm --microkernel`).
+//!
+//! The kernel (`microkernel/kernel`) and its boot module, the root task with the test
+//! tasks (`microkernel/user`, `mktest`), are built by `vmm/build.rs` and embedded here,
+//! so the vmm needs nothing installed. `boot` loads both ELFs and writes the boot
+//! information (`microkernel::bootinfo`); `run` runs the one vCPU and serves VM0's
+//! ports; `bench` counts the instructions the kernel executes by single-stepping.
+//!
+//! VM0's devices are ports (see the table in `layout`): the console (COM1's transmit
+//! register, copied to stdout), exit-with-status, raise-IOAPIC-line (the interrupt
+//! source for interrupts-as-IPC tests), and the single-step counter switch. Nothing
+//! else: no ACPI, no PIT, no UART model.
+
+pub mod bench;
+pub mod boot;
+pub mod run;
+
+/// The kernel ELF.
+pub static KERNEL_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/mk-kernel.elf"));
+/// The boot module: the root task and test tasks.
+pub static ROOT_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/mktest.elf"));
+
+/// VM0's RAM: the kernel (about 10 MiB with its heap), 4 MiB of page-table frames, and
+/// the root task's pool (the rest, about 9 MiB; the test tasks use a few hundred KiB).
+/// Small on purpose: the kernel maps the pool page by page at boot, which takes about
+/// 2 s per 1,000 pages on kvm-pvm, where guest ring 0 is emulated.
+pub const VM0_MEMORY: u64 = 24 << 20;
+
+/// What the root task does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Boot and report.
+    Boot,
+    /// Run every test task: `PASS name` / `FAIL name` lines, status 0 iff all pass.
+    Selftest,
+    /// The IPC micro-benchmark.
+    BenchIpc,
+}
+
+impl Mode {
+    pub fn raw(self) -> u64 {
+        use microkernel::bootinfo::mode;
+        match self {
+            Mode::Boot => mode::BOOT,
+            Mode::Selftest => mode::SELFTEST,
+            Mode::BenchIpc => mode::BENCH,
+        }
+    }
+}
+
+pub use run::run;

@@ -1,0 +1,155 @@
+//! Running VM0: one vCPU in 64-bit mode at the kernel's entry, an in-kernel irqchip
+//! (LAPIC timer, IOAPIC), and the VM0 ports served in the vCPU loop.
+
+use std::io::Write;
+
+use kvm_ioctls::{Cap, VcpuExit, VcpuFd};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+use super::bench::StepCounter;
+use super::{boot, Mode, VM0_MEMORY};
+use crate::layout::*;
+use crate::vm::{create_memory, dump_regs, kvm_err, open_kvm, Outcome};
+use crate::{cpuid, pvm, regs, VmmError};
+
+/// Boot the microkernel in VM0 and run it until it exits.
+pub fn run(mode: Mode) -> Result<Outcome, VmmError> {
+    let kvm = open_kvm()?;
+    let quirks = pvm::detected();
+    let vm = kvm.create_vm().map_err(kvm_err("create the VM"))?;
+    let mem = create_memory(&vm, VM0_MEMORY)?;
+    vm.set_tss_address(KVM_TSS_ADDRESS as usize)
+        .map_err(kvm_err("set the TSS address"))?;
+    vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
+        .map_err(kvm_err("set the identity map address"))?;
+    vm.create_irq_chip()
+        .map_err(kvm_err("create the in-kernel irqchip"))?;
+    // kvm-pvm does not enter ring 0 on SYSCALL for a guest that is not PVM-aware:
+    // tasks use the software-interrupt entry there.
+    let flags = if quirks {
+        microkernel::bootinfo::flags::INT_SYSCALL
+    } else {
+        0
+    };
+    let entry = boot::load(&mem, VM0_MEMORY, mode.raw(), flags)?;
+
+    let supported = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("read supported CPUID"))?;
+    let masks = if quirks {
+        pvm::cpuid_masks()
+    } else {
+        Vec::new()
+    };
+    let vcpu = vm.create_vcpu(0).map_err(kvm_err("create a vCPU"))?;
+    let tsc_khz = kvm
+        .check_extension(Cap::GetTscKhz)
+        .then(|| vcpu.get_tsc_khz().ok())
+        .flatten();
+    let cpuid = cpuid::vcpu_cpuid(&supported, 0, 1, tsc_khz, &masks);
+    vcpu.set_cpuid2(&cpuid).map_err(kvm_err("set CPUID"))?;
+    regs::setup_common(&vcpu)?;
+    regs::setup_boot_cpu(&vcpu, &mem, GuestAddress(entry))?;
+    if mode == Mode::BenchIpc {
+        match tsc_khz {
+            Some(khz) => println!(
+                "bench: TSC {} MHz{}",
+                khz / 1000,
+                if quirks { " (kvm-pvm host)" } else { "" }
+            ),
+            None => println!("bench: TSC rate unknown"),
+        }
+    }
+    let outcome = vcpu_loop(&vm, vcpu, &mem, quirks);
+    std::mem::forget(vm);
+    Ok(outcome)
+}
+
+fn vcpu_loop(
+    vm: &kvm_ioctls::VmFd,
+    mut vcpu: VcpuFd,
+    mem: &GuestMemoryMmap,
+    quirks: bool,
+) -> Outcome {
+    let mut out = std::io::stdout().lock();
+    let mut steps = StepCounter::new(quirks);
+    let crash = |reason: String, vcpu: &VcpuFd| Outcome::Crashed {
+        vcpu: 0,
+        reason,
+        regs: dump_regs(vcpu),
+    };
+    loop {
+        let exit = vcpu.run();
+        let outcome = match exit {
+            Ok(VcpuExit::IoOut(port, data)) => {
+                let (port, value) = (port, data.first().copied().unwrap_or(0));
+                match port {
+                    COM1_PORT => {
+                        let _ = out.write_all(&[value]);
+                        if value == b'\n' {
+                            let _ = out.flush();
+                        }
+                        None
+                    }
+                    MK_EXIT_PORT => Some(Outcome::Stopped {
+                        reset: false,
+                        status: value,
+                    }),
+                    MK_RAISE_IRQ_PORT => {
+                        let line = u32::from(value);
+                        let _ = vm.set_irq_line(line, true);
+                        let _ = vm.set_irq_line(line, false);
+                        None
+                    }
+                    MK_STEP_PORT => {
+                        let _ = out.flush();
+                        steps
+                            .control(&vcpu, value)
+                            .err()
+                            .map(|e| crash(format!("KVM_SET_GUEST_DEBUG: {e}"), &vcpu))
+                    }
+                    _ => None,
+                }
+            }
+            Ok(VcpuExit::IoIn(_, data)) => {
+                data.fill(0xff);
+                None
+            }
+            Ok(VcpuExit::Debug(_)) => {
+                steps.step(&vcpu);
+                None
+            }
+            Ok(VcpuExit::MmioRead(_, data)) => {
+                data.fill(0xff);
+                None
+            }
+            Ok(VcpuExit::MmioWrite(..)) => None,
+            Ok(VcpuExit::Hlt) => Some(crash("VM0 halted with interrupts off".into(), &vcpu)),
+            Ok(VcpuExit::Shutdown) => {
+                Some(crash("VM0 triple fault (KVM_EXIT_SHUTDOWN)".into(), &vcpu))
+            }
+            Ok(VcpuExit::InternalError) if quirks => {
+                match pvm::complete_instruction(&mut vcpu, mem) {
+                    pvm::Completion::Completed(_) => None,
+                    pvm::Completion::Unsupported(bytes) => Some(crash(
+                        format!(
+                            "kvm-pvm cannot emulate the instruction at RIP (bytes {bytes:02x?})"
+                        ),
+                        &vcpu,
+                    )),
+                }
+            }
+            Ok(VcpuExit::InternalError) => {
+                let sub = pvm::internal_error_suberror(&mut vcpu);
+                Some(crash(format!("KVM internal error, suberror {sub}"), &vcpu))
+            }
+            Ok(other) => Some(crash(format!("unexpected exit {other:?}"), &vcpu)),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
+            Err(e) => Some(crash(format!("KVM_RUN failed: {e}"), &vcpu)),
+        };
+        if let Some(o) = outcome {
+            let _ = out.flush();
+            return o;
+        }
+    }
+}
