@@ -90,7 +90,9 @@ impl<T: Trigger + Clone, W: Write> SerialConsole<T, W> {
     }
 
     fn uart(&mut self) -> &mut Serial<T, NoEvents, W> {
-        self.uart.as_mut().expect("the UART model is only absent inside take_back_fifo")
+        self.uart
+            .as_mut()
+            .expect("the UART model is only absent inside take_back_fifo")
     }
 
     /// Move the bytes the guest has not read out of the FIFO, back to the front of `pending`.
@@ -231,7 +233,10 @@ mod tests {
         // Throttle: the driver clears IER; what it has not read goes back to pending.
         let first = read_byte(&mut c);
         c.write(IER, &[0]);
-        assert!(!lsr_data_ready(&mut c), "nothing is offered while throttled");
+        assert!(
+            !lsr_data_ready(&mut c),
+            "nothing is offered while throttled"
+        );
         assert_eq!(c.pending_len(), 99);
         c.write(IER, &[IER_RECEIVED_DATA]);
         let mut got = vec![first];
@@ -258,7 +263,11 @@ mod tests {
         assert!(!lsr_data_ready(&mut c));
         let mut iir = [0u8];
         c.read(2, &mut iir);
-        assert_ne!(iir[0] & 0x0f, IIR_RECEIVED_DATA, "no stale received-data interrupt");
+        assert_ne!(
+            iir[0] & 0x0f,
+            IIR_RECEIVED_DATA,
+            "no stale received-data interrupt"
+        );
         c.write(IER, &[0x05]);
         let mut got = Vec::new();
         while lsr_data_ready(&mut c) {

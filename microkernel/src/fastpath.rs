@@ -150,7 +150,7 @@ mod tests {
                 let any = ThreadId::ANY.raw();
                 // Reply to whoever sent last, as a server does.
                 let last = ThreadId(a.context(me).unwrap().ret[1] as u32);
-                let client = if last.0 != 0 && last.0 != u32::MAX && rng.next() % 4 != 0 {
+                let client = if last.0 != 0 && last.0 != u32::MAX && !rng.next().is_multiple_of(4) {
                     last
                 } else {
                     to
@@ -172,7 +172,7 @@ mod tests {
                 }
                 let untyped = rng.next() % 8;
                 mrs[0] = MsgTag::new(step, untyped, 0, 0).0;
-                if rng.next() % 8 == 0 {
+                if rng.next().is_multiple_of(8) {
                     mrs[0] = MsgTag::new(step, 1, 2, 0).0;
                     let f = Fpage::new(0x100 << 12, 12, Rights::R).unwrap();
                     mrs[2..4]

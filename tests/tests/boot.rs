@@ -123,6 +123,12 @@ fn elf_vmlinux_boots_and_a_guest_reset_ends_the_vmm_with_status_zero() {
         ),
         TIMEOUT,
     );
-    run.expect("VMM-GUEST-READY").expect("reboot: Restarting system").expect_status(0);
-    assert!(!run.output.contains("vmm: "), "a reset is a normal end:\n{}", run.output);
+    run.expect("VMM-GUEST-READY")
+        .expect("reboot: Restarting system")
+        .expect_status(0);
+    assert!(
+        !run.output.contains("vmm: "),
+        "a reset is a normal end:\n{}",
+        run.output
+    );
 }

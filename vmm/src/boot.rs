@@ -195,7 +195,7 @@ pub fn load_kernel(
     match format {
         KernelFormat::BzImage => {
             let hdr = read_setup_header(&mut file).map_err(load_err)?;
-            if hdr.xloadflags & (XLF_KERNEL_64 as u16) == 0 {
+            if hdr.xloadflags & XLF_KERNEL_64 == 0 {
                 return Err(BootError::Not64Bit(path.into()));
             }
             // The kernel decompresses in place and needs init_size bytes from its load address.

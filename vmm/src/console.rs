@@ -74,7 +74,7 @@ pub struct TerminalGuard(bool);
 
 impl TerminalGuard {
     /// Put stdin in raw mode if it is a terminal.
-    pub fn new() -> Self {
+    pub fn raw_if_terminal() -> Self {
         let stdin = io::stdin();
         let raw = stdin.is_terminal() && stdin.lock().set_raw_mode().is_ok();
         TerminalGuard(raw)

@@ -86,11 +86,7 @@ pub fn vcpu_cpuid(
             0x8000_0008 if is_amd => {
                 e.ecx = (e.ecx & !0xff) | u32::from(num_cpus).saturating_sub(1);
             }
-            KVM_CPUID_SIGNATURE => {
-                if tsc_khz.is_some() {
-                    e.eax = e.eax.max(TIMING_LEAF);
-                }
-            }
+            KVM_CPUID_SIGNATURE if tsc_khz.is_some() => e.eax = e.eax.max(TIMING_LEAF),
             _ => {}
         }
     }

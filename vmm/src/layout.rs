@@ -105,6 +105,12 @@ pub const VIRTIO_IRQ_BASE: u32 = 5;
 /// Smallest guest RAM we accept: enough for the boot structures, a small kernel and initrd.
 pub const MIN_MEMORY: u64 = 32 << 20;
 
+// The layout's fixed relations, checked at compile time.
+const _: () = assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
+const _: () =
+    assert!(BOOT_STACK_POINTER < PML4_START && BOOT_STACK_POINTER > ZERO_PAGE_START + 0x1000);
+const _: () = assert!(VIRTIO_MMIO_START >= MMIO_GAP_START && IOAPIC_START < MMIO_GAP_END);
+
 /// The guest RAM regions for `mem_size` bytes: below the MMIO gap, and the rest above 4 GiB.
 pub fn ram_regions(mem_size: u64) -> Vec<(u64, u64)> {
     if mem_size <= MMIO_GAP_START {
@@ -141,8 +147,6 @@ mod tests {
                 w[1]
             );
         }
-        assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
-        assert!(BOOT_STACK_POINTER < PML4_START && BOOT_STACK_POINTER > ZERO_PAGE_START + 0x1000);
     }
 
     #[test]
@@ -157,6 +161,5 @@ mod tests {
                 (MMIO_GAP_END, (4 << 30) - MMIO_GAP_START)
             ]
         );
-        assert!(VIRTIO_MMIO_START >= MMIO_GAP_START && IOAPIC_START < MMIO_GAP_END);
     }
 }

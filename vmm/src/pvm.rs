@@ -166,6 +166,28 @@ pub fn complete_instruction(vcpu: &mut VcpuFd, mem: &GuestMemoryMmap) -> Complet
     }
 }
 
+/// Handle KVM_EXIT_INTERNAL_ERROR: on a kvm-pvm host (`quirks`), complete the
+/// instruction the emulator refused; otherwise, or when that is impossible, the reason
+/// the vCPU cannot continue.
+pub fn on_internal_error(
+    vcpu: &mut VcpuFd,
+    mem: &GuestMemoryMmap,
+    quirks: bool,
+) -> Result<(), String> {
+    if !quirks {
+        return Err(format!(
+            "KVM internal error, suberror {}",
+            internal_error_suberror(vcpu)
+        ));
+    }
+    match complete_instruction(vcpu, mem) {
+        Completion::Completed(_) => Ok(()),
+        Completion::Unsupported(bytes) => Err(format!(
+            "kvm-pvm cannot emulate the instruction at RIP (bytes {bytes:02x?})"
+        )),
+    }
+}
+
 fn inject_breakpoint(vcpu: &VcpuFd) -> bool {
     const BP_VECTOR: u8 = 3;
     let Ok(mut events) = vcpu.get_vcpu_events() else {
@@ -194,7 +216,10 @@ mod tests {
             Some(Effect::AlignmentCheck(true))
         );
         assert_eq!(decode(&[0x9b, 0xdb, 0xe2]).map(|d| d.1), Some(3));
-        assert_eq!(decode(&[0x9b, 0x65, 0x48]).map(|d| (d.0, d.1)), Some(("fwait", 1)));
+        assert_eq!(
+            decode(&[0x9b, 0x65, 0x48]).map(|d| (d.0, d.1)),
+            Some(("fwait", 1))
+        );
         // POPCNT, XRSTOR, CMPXCHG16B and truncated input are not completed.
         assert_eq!(decode(&[0xf3, 0x0f, 0xb8, 0xc0]), None);
         assert_eq!(decode(&[0x0f, 0xae, 0x2f]), None);

@@ -231,7 +231,7 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome, VmmError> {
         vcpus.push(vcpu);
     }
 
-    let terminal = TerminalGuard::new();
+    let terminal = TerminalGuard::raw_if_terminal();
     console::spawn_stdin_reader(console, state.clone(), terminal.interactive())
         .map_err(VmmError::Io)?;
     for (id, vcpu) in vcpus.into_iter().enumerate() {
@@ -350,20 +350,9 @@ fn run_vcpu(
                 format!("KVM_EXIT_FAIL_ENTRY: hardware reason {reason:#x} on cpu {cpu}"),
                 &vcpu,
             )),
-            Ok(VcpuExit::InternalError) => {
-                if quirks {
-                    match pvm::complete_instruction(&mut vcpu, mem) {
-                        pvm::Completion::Completed(_) => None,
-                        pvm::Completion::Unsupported(bytes) => Some(crash(
-                            format!("kvm-pvm cannot emulate the instruction at RIP (bytes {bytes:02x?})"),
-                            &vcpu,
-                        )),
-                    }
-                } else {
-                    let sub = pvm::internal_error_suberror(&mut vcpu);
-                    Some(crash(format!("KVM internal error, suberror {sub}"), &vcpu))
-                }
-            }
+            Ok(VcpuExit::InternalError) => pvm::on_internal_error(&mut vcpu, mem, quirks)
+                .err()
+                .map(|reason| crash(reason, &vcpu)),
             Ok(other) => Some(crash(format!("unexpected exit {other:?}"), &vcpu)),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
             Err(e) => Some(crash(format!("KVM_RUN failed: {e}"), &vcpu)),

@@ -128,21 +128,9 @@ fn vcpu_loop(
             Ok(VcpuExit::Shutdown) => {
                 Some(crash("VM0 triple fault (KVM_EXIT_SHUTDOWN)".into(), &vcpu))
             }
-            Ok(VcpuExit::InternalError) if quirks => {
-                match pvm::complete_instruction(&mut vcpu, mem) {
-                    pvm::Completion::Completed(_) => None,
-                    pvm::Completion::Unsupported(bytes) => Some(crash(
-                        format!(
-                            "kvm-pvm cannot emulate the instruction at RIP (bytes {bytes:02x?})"
-                        ),
-                        &vcpu,
-                    )),
-                }
-            }
-            Ok(VcpuExit::InternalError) => {
-                let sub = pvm::internal_error_suberror(&mut vcpu);
-                Some(crash(format!("KVM internal error, suberror {sub}"), &vcpu))
-            }
+            Ok(VcpuExit::InternalError) => pvm::on_internal_error(&mut vcpu, mem, quirks)
+                .err()
+                .map(|reason| crash(reason, &vcpu)),
             Ok(other) => Some(crash(format!("unexpected exit {other:?}"), &vcpu)),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
             Err(e) => Some(crash(format!("KVM_RUN failed: {e}"), &vcpu)),
