@@ -6,7 +6,9 @@
 //! raw mode, so keys such as Ctrl-C reach the guest, and `Ctrl-a x` quits the vmm
 //! (`Ctrl-a Ctrl-a` sends a literal Ctrl-a), as with QEMU.
 
+use std::fs::File;
 use std::io::{self, IsTerminal, Read, Stdout, Write};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
@@ -70,26 +72,45 @@ impl<W: Write> Write for PanicWatch<W> {
 }
 
 /// Restores the terminal's canonical mode when dropped.
-pub struct TerminalGuard(bool);
+///
+/// It works on its own duplicate of fd 0, never through `io::stdin().lock()`: the stdin
+/// reader thread holds that lock while it blocks in `read`, so locking it here would
+/// deadlock the vmm's exit.
+pub struct TerminalGuard(Option<Tty>);
+
+/// A terminal file descriptor of our own.
+struct Tty(File);
+
+// SAFETY: `tty_fd` returns the descriptor owned by the `File` inside, which stays open
+// for as long as the `Tty` (and so any use of the returned fd through the trait) lives.
+unsafe impl Terminal for Tty {
+    fn tty_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
 
 impl TerminalGuard {
     /// Put stdin in raw mode if it is a terminal.
     pub fn raw_if_terminal() -> Self {
         let stdin = io::stdin();
-        let raw = stdin.is_terminal() && stdin.lock().set_raw_mode().is_ok();
-        TerminalGuard(raw)
+        let tty = stdin
+            .is_terminal()
+            .then(|| stdin.as_fd().try_clone_to_owned().ok().map(|fd| Tty(File::from(fd))))
+            .flatten()
+            .filter(|tty| tty.set_raw_mode().is_ok());
+        TerminalGuard(tty)
     }
 
     /// Whether stdin is an interactive terminal in raw mode.
     pub fn interactive(&self) -> bool {
-        self.0
+        self.0.is_some()
     }
 }
 
 impl Drop for TerminalGuard {
     fn drop(&mut self) {
-        if self.0 {
-            let _ = io::stdin().lock().set_canon_mode();
+        if let Some(tty) = &self.0 {
+            let _ = tty.set_canon_mode();
         }
     }
 }
