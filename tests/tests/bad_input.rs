@@ -102,6 +102,17 @@ fn memory_too_small_too_large_or_malformed() {
 }
 
 #[test]
+fn too_many_words_for_init() {
+    let k = image("minimal/bzImage");
+    let cmdline = format!("console=ttyS0 -- {}", "echo ".repeat(40));
+    fails_with(
+        &run_vmm_here(&["--kernel", &k, "--cmdline", &cmdline]),
+        1,
+        "Linux accepts at most 31",
+    );
+}
+
+#[test]
 fn cpu_count_zero_or_beyond_kvm() {
     let k = image("minimal/bzImage");
     fails_with(&run_vmm_here(&["--kernel", &k, "--cpus", "0"]), 2, "--cpus");

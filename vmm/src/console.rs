@@ -95,7 +95,13 @@ impl TerminalGuard {
         let stdin = io::stdin();
         let tty = stdin
             .is_terminal()
-            .then(|| stdin.as_fd().try_clone_to_owned().ok().map(|fd| Tty(File::from(fd))))
+            .then(|| {
+                stdin
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .ok()
+                    .map(|fd| Tty(File::from(fd)))
+            })
             .flatten()
             .filter(|tty| tty.set_raw_mode().is_ok());
         TerminalGuard(tty)

@@ -91,6 +91,7 @@ fn validate(cli: &Cli) -> Result<VmConfig, VmmError> {
         .kernel
         .clone()
         .expect("clap requires --kernel without --microkernel");
+    vm::check_cmdline(&cli.cmdline)?;
     // Check the files before touching KVM, so a typo is reported as a typo.
     vmm::boot::check_kernel_file(&kernel)?;
     if let Some(initrd) = &cli.initrd {

@@ -264,6 +264,42 @@ fn split_init_args(cmdline: &str) -> (&str, Option<&str>) {
     (cmdline, None)
 }
 
+/// Linux hands at most this many words after `--` to init, and panics ("Too many boot
+/// init vars") beyond it (`CONFIG_INIT_ENV_ARG_LIMIT` = 32 slots, one for init itself).
+pub const MAX_INIT_WORDS: usize = 31;
+
+/// Count command-line words as Linux's `next_arg` splits them: on spaces, except inside
+/// double quotes.
+pub fn linux_words(s: &str) -> usize {
+    let (mut words, mut in_word, mut in_quote) = (0, false, false);
+    for c in s.chars() {
+        if c == '"' {
+            in_quote = !in_quote;
+        }
+        if c.is_ascii_whitespace() && !in_quote {
+            in_word = false;
+        } else if !in_word {
+            in_word = true;
+            words += 1;
+        }
+    }
+    words
+}
+
+/// Check what Linux would refuse late, with a panic, about a command line.
+pub fn check_cmdline(cmdline: &str) -> Result<(), VmmError> {
+    if let (_, Some(init)) = split_init_args(cmdline) {
+        let n = linux_words(init);
+        if n > MAX_INIT_WORDS {
+            return Err(VmmError::Config(format!(
+                "--cmdline passes {n} words after `--` to init, but Linux accepts at most \
+                 {MAX_INIT_WORDS} (it panics beyond that); quote the command as one word: -- \"...\""
+            )));
+        }
+    }
+    Ok(())
+}
+
 pub(crate) fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
     move |e| VmmError::Kvm(format!("cannot {what}: {e}"))
 }
@@ -394,6 +430,16 @@ mod tests {
         assert_eq!(split_init_args("-- true"), ("", Some("true")));
         assert_eq!(split_init_args("a --"), ("a", None));
         assert_eq!(split_init_args("a --b=c"), ("a --b=c", None));
+    }
+
+    #[test]
+    fn words_are_counted_like_linux() {
+        assert_eq!(linux_words(""), 0);
+        assert_eq!(linux_words("  a  b c "), 3);
+        assert_eq!(linux_words("\"echo a; echo b\" x"), 2);
+        assert!(check_cmdline(&format!("console=ttyS0 -- {}", "w ".repeat(31))).is_ok());
+        assert!(check_cmdline(&format!("console=ttyS0 -- {}", "w ".repeat(32))).is_err());
+        assert!(check_cmdline(&format!("console=ttyS0 -- \"{}\"", "w ".repeat(100))).is_ok());
     }
 
     #[test]
