@@ -69,6 +69,7 @@ fn main() {
             .unwrap_or_else(|e| panic!("copy {}: {e}", built.display()));
     }
     rerun_if_changed(&mk.join("src"));
+    rerun_if_changed(&mk.join("freestanding"));
     for krate in ["kernel", "user"] {
         let dir = mk.join(krate);
         for f in ["Cargo.toml", "build.rs", "kernel.ld", "user.ld"] {
