@@ -124,9 +124,18 @@ fn cpu_count_zero_or_beyond_kvm() {
 }
 
 /// Run the vmm in a private mount namespace where /dev is an empty tmpfs, plus `setup`.
+/// The binary and kernel are copied to a world-readable directory first, so that as
+/// `nobody` the only thing denied is /dev/kvm, wherever the checkout lives.
 fn without_dev_kvm(setup: &str, as_nobody: bool) -> Run {
-    let vmm = build_vmm();
-    let k = root().join(image("minimal/bzImage"));
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("vmm-no-kvm-{}-{as_nobody}", std::process::id()));
+    fs::create_dir_all(&dir).unwrap();
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+    let (vmm, kernel) = (dir.join("vmm"), dir.join("bzImage"));
+    fs::copy(build_vmm(), &vmm).unwrap();
+    fs::copy(root().join(image("minimal/bzImage")), &kernel).unwrap();
+    fs::set_permissions(&vmm, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::set_permissions(&kernel, fs::Permissions::from_mode(0o644)).unwrap();
     let exec = if as_nobody {
         "setpriv --reuid=65534 --regid=65534 --clear-groups"
     } else {
@@ -135,12 +144,13 @@ fn without_dev_kvm(setup: &str, as_nobody: bool) -> Run {
     let script = format!(
         "mount -t tmpfs tmpfs /dev && {setup} exec {exec} {} --kernel {}",
         vmm.display(),
-        k.display()
+        kernel.display()
     );
     let out = Command::new("unshare")
         .args(["-m", "sh", "-c", &script])
         .output()
         .expect("run unshare");
+    fs::remove_dir_all(&dir).unwrap();
     let mut output = String::from_utf8_lossy(&out.stdout).into_owned();
     output.push_str(&String::from_utf8_lossy(&out.stderr));
     Run {
