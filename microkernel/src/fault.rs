@@ -99,22 +99,11 @@ impl<M: Machine> Kernel<M> {
 
 #[cfg(test)]
 mod tests {
-    use crate::abi::{
-        exregs, label, Fpage, MapItem, MsgTag, Rights, Sysno, ThreadId, Timeout, MR_COUNT,
-    };
+    use crate::abi::{exregs, label, Fpage, MapItem, MsgTag, Rights, Sysno, ThreadId, MR_COUNT};
     use crate::mapdb::At;
     use crate::testing::*;
     use crate::thread::State;
     use crate::Next;
-
-    const ANY: ThreadId = ThreadId::ANY;
-    const NIL: ThreadId = ThreadId::NIL;
-    const NEVER: Timeout = Timeout::NEVER;
-    const ZERO: Timeout = Timeout::ZERO;
-
-    fn switch(k: &K, t: ThreadId) -> Next {
-        Next::Switch { thread: t, task: k.task_of(t).unwrap() }
-    }
 
     fn state(k: &K, t: ThreadId) -> State {
         k.threads[k.live(t).unwrap()].state

@@ -276,15 +276,6 @@ mod tests {
     use crate::testing::*;
     use crate::Next;
 
-    const ANY: ThreadId = ThreadId::ANY;
-    const NIL: ThreadId = ThreadId::NIL;
-    const NEVER: Timeout = Timeout::NEVER;
-    const ZERO: Timeout = Timeout::ZERO;
-
-    fn switch(k: &K, t: ThreadId) -> Next {
-        Next::Switch { thread: t, task: k.task_of(t).unwrap() }
-    }
-
     /// A message carrying one map (or grant) item.
     fn map_msg(base: u64, log2: u8, rights: Rights, hotspot: u64, grant: bool) -> [u64; MR_COUNT] {
         let mut m = [0; MR_COUNT];

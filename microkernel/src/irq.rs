@@ -145,10 +145,6 @@ mod tests {
     use crate::testing::*;
     use crate::Next;
 
-    fn switch(k: &K, t: ThreadId) -> Next {
-        Next::Switch { thread: t, task: k.task_of(t).unwrap() }
-    }
-
     #[test]
     fn interrupt_delivered_as_ipc() {
         let (mut k, root) = boot();

@@ -233,12 +233,6 @@ mod tests {
     use crate::testing::*;
     use crate::Next;
 
-    const NIL: ThreadId = ThreadId::NIL;
-
-    fn switch(k: &K, t: ThreadId) -> Next {
-        Next::Switch { thread: t, task: k.task_of(t).unwrap() }
-    }
-
     #[test]
     fn time_slices_preempt_a_spinning_thread() {
         let (mut k, root) = boot();

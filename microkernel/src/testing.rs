@@ -125,6 +125,16 @@ impl Machine for TestMachine {
 
 pub type K = Kernel<TestMachine>;
 
+pub const ANY: ThreadId = ThreadId::ANY;
+pub const NIL: ThreadId = ThreadId::NIL;
+pub const NEVER: Timeout = Timeout::NEVER;
+pub const ZERO: Timeout = Timeout::ZERO;
+
+/// What the kernel returns when it switches to thread `t`.
+pub fn switch(k: &K, t: ThreadId) -> Next {
+    Next::Switch { thread: t, task: k.task_of(t).unwrap() }
+}
+
 pub const USER_START: u64 = 0x1000;
 pub const USER_END: u64 = 0x8000_0000_0000;
 /// The root task owns frames `0x100..0x100 + ROOT_PAGES`, mapped 1:1.

@@ -240,13 +240,6 @@ mod tests {
     use crate::thread::State;
     use crate::Next;
 
-    const NIL: ThreadId = ThreadId::NIL;
-    const NEVER: Timeout = Timeout::NEVER;
-
-    fn switch(k: &K, t: ThreadId) -> Next {
-        Next::Switch { thread: t, task: k.task_of(t).unwrap() }
-    }
-
     fn control(k: &mut K, me: ThreadId, op: u64, target: ThreadId, pager: ThreadId) -> Next {
         sys(k, me, Sysno::ThreadControl, [op, target.raw(), pager.raw(), me.raw()], msg(0, &[]))
     }
