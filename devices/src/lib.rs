@@ -1,15 +1,27 @@
-//! Device models shared by the vmm's native mode and (later) the microkernel's device tasks.
+//! Device models shared by the vmm's native mode and the microkernel's device tasks.
 //!
 //! Design rules:
-//! - A device sees the guest only through the small interfaces in this crate: an I/O
-//!   access (`PioDevice`), an interrupt line (`vm_superio::Trigger`), and its backend
-//!   (a `Write` for console output, files for disks, ...).
+//! - `virtio` is the `no_std` + `alloc` core: transports, queues and device models that
+//!   see the guest only through small traits (`GuestMemory`, `Interrupt`, and one
+//!   backend trait per device). It builds without the `std` feature, for VM0 tasks.
+//! - `host` (feature `std`) implements those traits over vm-memory, eventfds, files,
+//!   tap devices and Unix sockets; `serial` and `platform` are host-side too.
 //! - Everything the guest writes is untrusted. A device never panics on guest input;
-//!   unknown registers read as all ones and ignore writes.
+//!   unknown registers read as all ones (port I/O) or zero (virtio) and ignore writes.
 //! - Devices do not decide the fate of the VM. They report what the guest asked for
 //!   (`GuestEvent`) and the vmm acts on it.
 
+#![cfg_attr(not(feature = "std"), no_std)]
+
+extern crate alloc;
+
+pub mod virtio;
+
+#[cfg(feature = "std")]
+pub mod host;
+#[cfg(feature = "std")]
 pub mod platform;
+#[cfg(feature = "std")]
 pub mod serial;
 
 /// Something the guest asked of the platform that the vmm must act on.

@@ -1,0 +1,1 @@
+//! Tap backend: being written.

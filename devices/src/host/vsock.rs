@@ -1,0 +1,1 @@
+//! vsock muxer: being written.
