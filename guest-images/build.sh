@@ -15,7 +15,8 @@
 # out/minimal/System.map, out/cloud/modules.txt).
 #
 # Both initramfs images hold busybox (Debian busybox-static), /init (./init),
-# /usr/bin/vmm-exit (./vmm-exit) and /usr/bin/outb (./tools/outb.c).
+# /usr/bin/vmm-exit (./vmm-exit), /usr/bin/outb (./tools/outb.c) and
+# /usr/bin/vsock (./tools/vsock.c).
 # Downloads and build trees live in cache/. Nothing is installed on the host.
 # Each output carries a stamp with a hash of its inputs (config, scripts,
 # package versions, the build code itself); up-to-date outputs are skipped.
@@ -140,6 +141,11 @@ build_outb() {
         -o "$1" "$HERE/tools/outb.c"
 }
 
+# build_vsock DEST: the guest's AF_VSOCK client/server (tools/vsock.c), static glibc.
+build_vsock() {
+    gcc -Os -static -Wall -Wextra -Werror -s -o "$1" "$HERE/tools/vsock.c"
+}
+
 # newc_entry NAME MODE(octal) RDEVMAJOR RDEVMINOR INO: one header-only
 # cpio "newc" entry (a directory or device node), so the archives carry
 # /dev/console without mknod (no root, no fakeroot needed).
@@ -176,6 +182,7 @@ make_initramfs() {
     install -m 0755 "$HERE/init" "$stage/init"
     install -m 0755 "$HERE/vmm-exit" "$stage/usr/bin/vmm-exit"
     build_outb "$stage/usr/bin/outb"
+    build_vsock "$stage/usr/bin/vsock"
 
     printf 'root:x:0:0:root:/root:/bin/sh\n' >"$stage/etc/passwd"
     printf 'root:x:0:\ntty:x:5:\n' >"$stage/etc/group"
@@ -327,6 +334,7 @@ build_minimal_initramfs() {
     stamp=$OUT/minimal/.initramfs.stamp
     bbdeb=$(fetch_deb "$DEBS" busybox-static) || die "cannot fetch busybox-static"
     hash=$(hash_inputs "$HERE/init" "$HERE/vmm-exit" "$HERE/tools/outb.c" "${bbdeb##*/}" \
+        "$HERE/tools/vsock.c" fn:build_vsock \
         fn:make_initramfs fn:newc_entry fn:build_outb fn:build_minimal_initramfs)
     if up_to_date "$stamp" "$hash" "$OUT/minimal/initramfs.cpio.gz"; then
         say "minimal initramfs: up to date"
@@ -423,7 +431,8 @@ build_cloud() {
     istamp=$OUT/cloud/.initramfs.stamp
     bbdeb=$(fetch_deb "$DEBS" busybox-static) || die "cannot fetch busybox-static"
     hash=$(hash_inputs "${deb##*/}" "${bbdeb##*/}" "$HERE/init" "$HERE/vmm-exit" \
-        "$HERE/tools/outb.c" "${CLOUD_MODULES[*]}" fn:build_cloud fn:make_initramfs \
+        "$HERE/tools/outb.c" "$HERE/tools/vsock.c" fn:build_vsock \
+        "${CLOUD_MODULES[*]}" fn:build_cloud fn:make_initramfs \
         fn:newc_entry fn:build_outb fn:resolve_modules fn:modname)
     if up_to_date "$istamp" "$hash" "$OUT/cloud/initramfs.cpio.gz"; then
         say "cloud initramfs: up to date"

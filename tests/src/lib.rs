@@ -28,7 +28,13 @@ pub fn vmm_binary() -> PathBuf {
     root().join("target/x86_64-unknown-linux-gnu/release/vmm")
 }
 
-/// Build the static vmm once per test process.
+/// The statically linked host end of vsock tests (`tests/src/bin/vsock-peer.rs`).
+pub fn vsock_peer_binary() -> PathBuf {
+    build_vmm();
+    root().join("target/x86_64-unknown-linux-gnu/release/vsock-peer")
+}
+
+/// Build the static vmm (and the static test helpers) once per test process.
 pub fn build_vmm() -> &'static Path {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT.get_or_init(|| {
@@ -38,6 +44,9 @@ pub fn build_vmm() -> &'static Path {
                 "--release",
                 "-p",
                 "vmm",
+                "-p",
+                "integration-tests",
+                "--bins",
                 "--target",
                 "x86_64-unknown-linux-gnu",
             ])

@@ -123,12 +123,14 @@ fn cpu_count_zero_or_beyond_kvm() {
     );
 }
 
-/// Run the vmm in a private mount namespace where /dev is an empty tmpfs, plus `setup`.
-/// The binary and kernel are copied to a world-readable directory first, so that as
-/// `nobody` the only thing denied is /dev/kvm, wherever the checkout lives.
-fn without_dev_kvm(setup: &str, as_nobody: bool) -> Run {
+/// Run `script` under `unshare FLAGS` with `$VMM` and `$KERNEL` set to copies of the
+/// binary and kernel in a world-readable directory, so that as `nobody` (`$AS_NOBODY`)
+/// the only thing denied is what the test sets up, wherever the checkout lives.
+fn isolated(unshare: &str, script: &str) -> Run {
     use std::os::unix::fs::PermissionsExt;
-    let dir = std::env::temp_dir().join(format!("vmm-no-kvm-{}-{as_nobody}", std::process::id()));
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let dir = std::env::temp_dir().join(format!("vmm-isolated-{}-{n}", std::process::id()));
     fs::create_dir_all(&dir).unwrap();
     fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
     let (vmm, kernel) = (dir.join("vmm"), dir.join("bzImage"));
@@ -136,18 +138,11 @@ fn without_dev_kvm(setup: &str, as_nobody: bool) -> Run {
     fs::copy(root().join(image("minimal/bzImage")), &kernel).unwrap();
     fs::set_permissions(&vmm, fs::Permissions::from_mode(0o755)).unwrap();
     fs::set_permissions(&kernel, fs::Permissions::from_mode(0o644)).unwrap();
-    let exec = if as_nobody {
-        "setpriv --reuid=65534 --regid=65534 --clear-groups"
-    } else {
-        ""
-    };
-    let script = format!(
-        "mount -t tmpfs tmpfs /dev && {setup} exec {exec} {} --kernel {}",
-        vmm.display(),
-        kernel.display()
-    );
     let out = Command::new("unshare")
-        .args(["-m", "sh", "-c", &script])
+        .args([unshare, "sh", "-c", script])
+        .env("VMM", &vmm)
+        .env("KERNEL", &kernel)
+        .env("AS_NOBODY", "setpriv --reuid=65534 --regid=65534 --clear-groups")
         .output()
         .expect("run unshare");
     fs::remove_dir_all(&dir).unwrap();
@@ -158,6 +153,15 @@ fn without_dev_kvm(setup: &str, as_nobody: bool) -> Run {
         output,
         elapsed: Default::default(),
     }
+}
+
+/// The vmm in a private mount namespace where /dev is an empty tmpfs, plus `setup`.
+fn without_dev_kvm(setup: &str, as_nobody: bool) -> Run {
+    let exec = if as_nobody { "$AS_NOBODY" } else { "" };
+    isolated(
+        "-m",
+        &format!("mount -t tmpfs tmpfs /dev && {setup} exec {exec} \"$VMM\" --kernel \"$KERNEL\""),
+    )
 }
 
 #[test]
@@ -172,4 +176,83 @@ fn dev_kvm_not_accessible_says_how_to_fix_it() {
     let run = without_dev_kvm("mknod -m 600 /dev/kvm c 10 232 &&", true);
     fails_with(&run, 1, "cannot open /dev/kvm: Permission denied");
     run.expect("kvm' group");
+}
+
+#[test]
+fn disk_image_missing_or_not_a_file() {
+    let kernel = image("minimal/bzImage");
+    let run = run_vmm_here(&["--kernel", &kernel, "--disk", "/nonexistent/disk.img"]);
+    fails_with(&run, 1, "--disk /nonexistent/disk.img: No such file or directory");
+    let run = run_vmm_here(&["--kernel", &kernel, "--disk", "/"]);
+    fails_with(&run, 1, "--disk /:");
+    let run = run_vmm_here(&["--kernel", &kernel, "--disk", "/dev/null,readonly=on"]);
+    fails_with(&run, 1, "not a regular file or block device");
+}
+
+#[test]
+fn disk_image_the_user_may_not_write() {
+    // Root may write anything; the check is for everyone else.
+    let img = scratch("ro-for-nobody.img");
+    fs::write(&img, vec![0u8; 4096]).unwrap();
+    let run = isolated(
+        "-m",
+        &format!(
+            "cp {img} /tmp/d.img && chmod 644 /tmp/d.img && exec $AS_NOBODY \"$VMM\" --kernel \"$KERNEL\" --disk /tmp/d.img",
+            img = img.display()
+        ),
+    );
+    fails_with(&run, 1, "--disk /tmp/d.img: Permission denied");
+    run.expect("readonly=on");
+}
+
+#[test]
+fn tap_that_does_not_exist() {
+    // In a network namespace of its own, so nothing on this machine is touched.
+    let run = isolated("-n", "exec \"$VMM\" --kernel \"$KERNEL\" --net tap=vmmnosuch0");
+    fails_with(&run, 1, "--net tap=vmmnosuch0: ");
+    run.expect("ip tuntap add");
+    let run = isolated("-n", "exec \"$VMM\" --kernel \"$KERNEL\" --net tap=lo");
+    fails_with(&run, 1, "--net tap=lo: ");
+    let run = isolated("-n", "exec \"$VMM\" --kernel \"$KERNEL\" --net tap=a-name-longer-than-15");
+    fails_with(&run, 1, "--net tap=a-name-longer-than-15: ");
+}
+
+#[test]
+fn tap_the_user_may_not_open() {
+    let run = isolated(
+        "-n",
+        "ip tuntap add vmmtap0 mode tap && exec $AS_NOBODY \"$VMM\" --kernel \"$KERNEL\" --net tap=vmmtap0",
+    );
+    fails_with(&run, 1, "--net tap=vmmtap0: ");
+    assert!(run.output.to_lowercase().contains("permission"), "{}", run.output);
+}
+
+#[test]
+fn vsock_socket_path_in_use_or_unusable() {
+    let kernel = image("minimal/bzImage");
+    let sock = scratch("in-use.sock");
+    fs::write(&sock, b"").unwrap();
+    let spec = format!("cid=3,socket={}", sock.display());
+    let run = run_vmm_here(&["--kernel", &kernel, "--vsock", &spec]);
+    fails_with(&run, 1, &format!("--vsock socket={}", sock.display()));
+    assert!(sock.exists(), "someone else's file is left alone");
+    let run = run_vmm_here(&["--kernel", &kernel, "--vsock", "cid=3,socket=/nonexistent/dir/v.sock"]);
+    fails_with(&run, 1, "--vsock socket=/nonexistent/dir/v.sock");
+}
+
+#[test]
+fn malformed_device_options_are_usage_errors() {
+    let kernel = image("minimal/bzImage");
+    for args in [
+        ["--disk", "d.img,readonly=maybe"],
+        ["--disk", "d.img,cache=none"],
+        ["--net", "mac=02:00:00:00:00:01"],
+        ["--net", "tap=t0,mac=zz"],
+        ["--vsock", "cid=2,socket=/tmp/x"],
+        ["--vsock", "socket=/tmp/x"],
+    ] {
+        let run = run_vmm_here(&["--kernel", &kernel, args[0], args[1]]);
+        assert_eq!(run.status, Some(2), "{args:?}: {}", run.output);
+        run.expect(args[0]);
+    }
 }

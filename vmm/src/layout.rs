@@ -101,6 +101,17 @@ pub const MK_RAISE_IRQ_PORT: u16 = 0x511;
 pub const MK_STEP_PORT: u16 = 0x512;
 /// First interrupt line for virtio-mmio devices (lines 5.. avoid the ISA devices).
 pub const VIRTIO_IRQ_BASE: u32 = 5;
+/// IOAPIC pins (KVM's in-kernel IOAPIC has 24).
+pub const IOAPIC_PINS: u32 = 24;
+/// Virtio-mmio devices we can give a guest: one IOAPIC pin each, from `VIRTIO_IRQ_BASE`.
+pub const MAX_VIRTIO_DEVICES: usize = (IOAPIC_PINS - VIRTIO_IRQ_BASE) as usize;
+/// `QueueNotify` register offset in a virtio-mmio window (where the ioeventfds sit).
+pub const VIRTIO_MMIO_NOTIFY_OFFSET: u64 = 0x50;
+
+/// Guest physical base of virtio-mmio device `index`.
+pub const fn virtio_mmio_base(index: usize) -> u64 {
+    VIRTIO_MMIO_START + index as u64 * VIRTIO_MMIO_SIZE
+}
 
 /// Smallest guest RAM we accept: enough for the boot structures, a small kernel and initrd.
 pub const MIN_MEMORY: u64 = 32 << 20;
@@ -110,6 +121,7 @@ const _: () = assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
 const _: () =
     assert!(BOOT_STACK_POINTER < PML4_START && BOOT_STACK_POINTER > ZERO_PAGE_START + 0x1000);
 const _: () = assert!(VIRTIO_MMIO_START >= MMIO_GAP_START && IOAPIC_START < MMIO_GAP_END);
+const _: () = assert!(virtio_mmio_base(MAX_VIRTIO_DEVICES) <= IOAPIC_START);
 
 /// The guest RAM regions for `mem_size` bytes: below the MMIO gap, and the rest above 4 GiB.
 pub fn ram_regions(mem_size: u64) -> Vec<(u64, u64)> {

@@ -4,7 +4,7 @@
 //!
 //! Module map: `layout` (guest physical memory map), `boot` (kernel/initrd/zero page),
 //! `acpi` (tables), `cpuid` and `regs` (vCPU state), `vm` (building and running a guest),
-//! `bus` and `irq` (device plumbing), `mk` (VM0: the embedded microkernel), `console` (terminal and stdin), `pvm` (kvm-pvm
+//! `bus`, `irq` and `virtio` (devices: port bus, irqfds, virtio-mmio bus, event loop), `mk` (VM0: the embedded microkernel), `console` (terminal and stdin), `pvm` (kvm-pvm
 //! quirks), `size` (memory-size parsing).
 
 pub mod acpi;
@@ -18,6 +18,7 @@ pub mod mk;
 pub mod pvm;
 pub mod regs;
 pub mod size;
+pub mod virtio;
 pub mod vm;
 
 /// Everything that stops the vmm from running a guest.

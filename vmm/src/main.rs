@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use vmm::layout::MIN_MEMORY;
 use vmm::size::{host_memory, parse_size};
+use vmm::virtio::{DeviceConfig, DiskSpec, NetSpec, VsockSpec};
 use vmm::vm::{self, Outcome, VmConfig};
 use vmm::VmmError;
 
@@ -39,7 +40,7 @@ struct Cli {
     kernel: Option<PathBuf>,
 
     /// Boot the embedded microkernel alone in its own VM (VM0) instead of Linux.
-    #[arg(long, conflicts_with_all = ["kernel", "initrd"])]
+    #[arg(long, conflicts_with_all = ["kernel", "initrd", "disks", "net", "vsock"])]
     microkernel: bool,
 
     /// With --microkernel: run every test task, print `PASS <name>` or `FAIL <name>` per
@@ -68,6 +69,26 @@ struct Cli {
     /// Number of vCPUs.
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..))]
     cpus: u8,
+
+    /// A virtio-blk disk backed by a raw image file (or block device); repeatable, the
+    /// guest sees vda, vdb, ... in this order. `readonly=on` refuses guest writes; `id`
+    /// is the serial the guest reads (default vdN).
+    #[arg(long = "disk", value_name = "PATH[,readonly=on][,id=NAME]")]
+    disks: Vec<DiskSpec>,
+
+    /// A virtio-net interface on an existing tap device (`ip tuntap add NAME mode tap`).
+    #[arg(long, value_name = "tap=NAME[,mac=MAC]")]
+    net: Option<NetSpec>,
+
+    /// A virtio-vsock device with guest CID N. Host programs connect to the Unix socket
+    /// PATH and send `CONNECT <port>\n` to reach a guest port; guest connections to
+    /// CID 2 port P go to the Unix socket `PATH_P`.
+    #[arg(long, value_name = "cid=N,socket=PATH")]
+    vsock: Option<VsockSpec>,
+
+    /// Leave out the virtio-rng device (on by default; fed from the host's getrandom).
+    #[arg(long)]
+    no_rng: bool,
 }
 
 fn validate(cli: &Cli) -> Result<VmConfig, VmmError> {
@@ -109,6 +130,12 @@ fn validate(cli: &Cli) -> Result<VmConfig, VmmError> {
         cmdline: cli.cmdline.clone(),
         mem_size: cli.memory,
         cpus: cli.cpus,
+        devices: DeviceConfig {
+            disks: cli.disks.clone(),
+            net: cli.net.clone(),
+            vsock: cli.vsock.clone(),
+            rng: !cli.no_rng,
+        },
     })
 }
 

@@ -20,6 +20,7 @@ use crate::bus::PioBus;
 use crate::console::{self, Console, PanicWatch, TerminalGuard};
 use crate::irq::IrqTrigger;
 use crate::layout::{self, *};
+use crate::virtio::{self, DeviceConfig, MmioBus};
 use crate::{acpi, boot, cpuid, pvm, regs, VmmError};
 
 /// Everything `vmm --kernel` needs to start a guest.
@@ -30,6 +31,7 @@ pub struct VmConfig {
     pub cmdline: String,
     pub mem_size: u64,
     pub cpus: u8,
+    pub devices: DeviceConfig,
 }
 
 /// How a guest's run ended.
@@ -131,6 +133,17 @@ pub fn max_vcpus(kvm: &Kvm) -> usize {
 
 /// Boot the guest and run it to the end. Returns how it ended.
 pub fn run(cfg: &VmConfig) -> Result<Outcome, VmmError> {
+    // Open disks, taps and sockets first: their errors are the user's to fix.
+    let prepared = virtio::prepare(&cfg.devices)?;
+    let outcome = run_prepared(cfg, prepared);
+    if let Some(v) = &cfg.devices.vsock {
+        // The listening socket is ours; a stale one would make the next run fail.
+        let _ = std::fs::remove_file(&v.socket);
+    }
+    outcome
+}
+
+fn run_prepared(cfg: &VmConfig, prepared: virtio::Prepared) -> Result<Outcome, VmmError> {
     let kvm = open_kvm()?;
     let max = max_vcpus(&kvm);
     if usize::from(cfg.cpus) > max {
@@ -170,12 +183,20 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome, VmmError> {
         .as_ref()
         .map(|p| boot::load_initrd(&mem, cfg.mem_size, &kernel, p))
         .transpose()?;
-    let rsdp = acpi::write_tables(&mem, cfg.cpus, &[])?;
+    let (mmio, virtio_devices) = virtio::attach(&vm, &mem, prepared)?;
+    let rsdp = acpi::write_tables(&mem, cfg.cpus, &virtio_devices)?;
     let mut cmdline = Cmdline::new(CMDLINE_MAX_SIZE)?;
     let (kernel_args, init_args) = split_init_args(&cfg.cmdline);
     cmdline.insert_str(kernel_args)?;
     if quirks {
         cmdline.insert_str(pvm::KERNEL_PARAMS)?;
+    }
+    if kernel_args.split(' ').any(|w| w == "acpi=off") {
+        // No DSDT to find the devices in: name them on the command line
+        // (CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES).
+        for (i, d) in virtio_devices.iter().enumerate() {
+            cmdline.add_virtio_mmio_device(d.len, GuestAddress(d.base), d.gsi, Some(i as u32))?;
+        }
     }
     if let Some(init) = init_args {
         cmdline.insert_init_args(init)?;
@@ -198,6 +219,7 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome, VmmError> {
     bus.insert(PVPANIC_PORT, 1, Arc::new(Mutex::new(PvPanic)));
     bus.insert(ACPI_PM_PORT, 1, Arc::new(Mutex::new(AcpiPm)));
     let bus = Arc::new(bus);
+    let mmio = Arc::new(mmio);
 
     // vCPUs.
     let supported = kvm
@@ -235,10 +257,10 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome, VmmError> {
     console::spawn_stdin_reader(console, state.clone(), terminal.interactive())
         .map_err(VmmError::Io)?;
     for (id, vcpu) in vcpus.into_iter().enumerate() {
-        let (state, bus, mem) = (state.clone(), bus.clone(), mem.clone());
+        let (state, bus, mmio, mem) = (state.clone(), bus.clone(), mmio.clone(), mem.clone());
         thread::Builder::new()
             .name(format!("vcpu{id}"))
-            .spawn(move || run_vcpu(id as u8, vcpu, &bus, &mem, &state, quirks))
+            .spawn(move || run_vcpu(id as u8, vcpu, &bus, &mmio, &mem, &state, quirks))
             .map_err(VmmError::Io)?;
     }
     let outcome = state.wait();
@@ -339,6 +361,7 @@ fn run_vcpu(
     id: u8,
     mut vcpu: VcpuFd,
     bus: &PioBus,
+    mmio: &MmioBus,
     mem: &GuestMemoryMmap,
     state: &VmState,
     quirks: bool,
@@ -360,12 +383,17 @@ fn run_vcpu(
                 }
                 None
             }
-            // No MMIO devices yet: unassigned MMIO reads as all ones, writes are dropped.
-            Ok(VcpuExit::MmioRead(_, data)) => {
-                data.fill(0xff);
+            // Unassigned MMIO reads as all ones; writes to it are dropped.
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                if !mmio.read(addr, data) {
+                    data.fill(0xff);
+                }
                 None
             }
-            Ok(VcpuExit::MmioWrite(..)) => None,
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                mmio.write(addr, data);
+                None
+            }
             Ok(VcpuExit::Shutdown) => Some(crash("triple fault (KVM_EXIT_SHUTDOWN)".into(), &vcpu)),
             Ok(VcpuExit::Hlt) => Some(crash(
                 "vCPU halted with interrupts off (KVM_EXIT_HLT)".into(),

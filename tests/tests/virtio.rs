@@ -1,0 +1,232 @@
+//! Virtio devices under real guests: disks backed by real files, a tap in a network
+//! namespace made for the test, vsock to a host program, the entropy device. Each boot
+//! checks several things; the host side checks the files and streams afterwards.
+
+use std::fs;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use integration_tests::{image, root, run_guest, vsock_peer_binary, Run};
+
+const TIMEOUT: Duration = Duration::from_secs(600);
+const MIB: usize = 1 << 20;
+
+fn minimal(args: &str) -> String {
+    format!(
+        "vmm --kernel {} --initrd {} --memory 256M {args}",
+        image("minimal/bzImage"),
+        image("minimal/initramfs.cpio.gz")
+    )
+}
+
+/// A scratch directory under the workspace (the KVM test host shares it).
+fn scratch(test: &str) -> (PathBuf, String) {
+    let rel = format!("target/test-scratch/virtio-{test}");
+    let dir = root().join(&rel);
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap();
+    (dir, rel)
+}
+
+/// Deterministic pseudo-random bytes (xorshift64*), so a failure can be reproduced.
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        out.extend_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// SHA-256 of bytes, by the host's `sha256sum` (the guest uses busybox's).
+fn sha256(bytes: &[u8]) -> String {
+    let dir = std::env::temp_dir().join(format!("vmm-sha-{}", std::process::id()));
+    fs::write(&dir, bytes).unwrap();
+    let out = Command::new("sha256sum").arg(&dir).output().expect("run sha256sum");
+    let _ = fs::remove_file(&dir);
+    String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_string()
+}
+
+/// The value printed by a `KEY=value ...` line (first word after `=`).
+fn value<'a>(run: &'a Run, key: &str) -> &'a str {
+    let prefix = format!("{key}=");
+    run.output
+        .lines()
+        .map(|l| l.trim_end_matches('\r'))
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .and_then(|v| v.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no {key}= line in the output:\n{}", run.output))
+}
+
+fn assert_clean(run: &Run) {
+    assert!(!run.output.contains("panicked at"), "the vmm panicked:\n{}", run.output);
+    assert!(!run.output.contains("vmm: error"), "vmm error:\n{}", run.output);
+}
+
+#[test]
+fn disks_read_write_flush_readonly_and_rng() {
+    let (dir, rel) = scratch("disks");
+    // vda: the guest writes 8 MiB of its own random data; vdb: the host's pattern for
+    // the guest to read; vdc: read-only, must not change.
+    fs::write(dir.join("w.img"), vec![0u8; 16 * MIB]).unwrap();
+    let host_data = pattern(8 * MIB, 0x5eed);
+    fs::write(dir.join("r.img"), &host_data).unwrap();
+    let ro_before = pattern(MIB, 7);
+    fs::write(dir.join("ro.img"), &ro_before).unwrap();
+
+    let script = "cat /sys/block/vda/serial; echo; \
+        echo SERIAL=$(cat /sys/block/vda/serial); \
+        echo CAP=$(cat /sys/block/vda/size); \
+        dd if=/dev/urandom of=/tmp/p bs=1M count=8 2>/dev/null; \
+        echo W=$(sha256sum </tmp/p); \
+        dd if=/tmp/p of=/dev/vda bs=64k oflag=direct conv=fsync 2>/dev/null && echo WRITE=ok; \
+        echo R=$(dd if=/dev/vdb bs=1M count=8 iflag=direct 2>/dev/null | sha256sum); \
+        echo RBUF=$(sha256sum </dev/vdb); \
+        dd if=/dev/zero of=/dev/vdc bs=4k count=1 oflag=direct 2>/dev/null && echo RO1=written || echo RO1=refused; \
+        blockdev --setrw /dev/vdc; \
+        dd if=/dev/zero of=/dev/vdc bs=4k count=1 oflag=direct 2>/dev/null && echo RO2=written || echo RO2=refused; \
+        echo RNG=$(cat /sys/class/misc/hw_random/rng_current); \
+        echo RNGBYTES=$(dd if=/dev/hwrng bs=64 count=4 2>/dev/null | wc -c); \
+        echo DONE=1";
+    let run = run_guest(
+        &minimal(&format!(
+            "--disk {rel}/w.img,id=wdisk --disk {rel}/r.img --disk {rel}/ro.img,readonly=on \
+             --cmdline 'console=ttyS0 panic=-1 pci=off quiet -- {script}'"
+        )),
+        TIMEOUT,
+    );
+    assert_clean(&run);
+    run.expect("DONE=1").expect_status(0);
+
+    assert_eq!(value(&run, "SERIAL"), "wdisk", "GET_ID");
+    assert_eq!(value(&run, "CAP"), (16 * MIB / 512).to_string(), "capacity in sectors");
+    // Guest → file.
+    assert_eq!(value(&run, "WRITE"), "ok");
+    let written = fs::read(dir.join("w.img")).unwrap();
+    assert_eq!(sha256(&written[..8 * MIB]), value(&run, "W"), "the file holds what the guest wrote");
+    assert!(written[8 * MIB..].iter().all(|&b| b == 0), "nothing beyond it changed");
+    // File → guest, with O_DIRECT and through the page cache.
+    let want = sha256(&host_data);
+    assert_eq!(value(&run, "R"), want, "O_DIRECT read");
+    assert_eq!(value(&run, "RBUF"), want, "buffered read");
+    // Read-only: refused by the guest's block layer, and by the device when the guest
+    // lifts its own read-only flag.
+    assert_eq!(value(&run, "RO1"), "refused");
+    assert_eq!(value(&run, "RO2"), "refused");
+    assert_eq!(fs::read(dir.join("ro.img")).unwrap(), ro_before, "read-only image unchanged");
+    // Entropy.
+    assert!(value(&run, "RNG").starts_with("virtio_rng"), "{}", run.output);
+    assert_eq!(value(&run, "RNGBYTES"), "256");
+    let _ = fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn network_through_a_tap_in_a_private_namespace() {
+    let (dir, rel) = scratch("net");
+    let ns = "vmmtest";
+    let guest = "ip addr add 10.0.2.15/24 dev eth0; ip link set eth0 up; \
+        echo MAC=$(cat /sys/class/net/eth0/address); \
+        ping -c 3 -W 5 10.0.2.1 >/dev/null && echo PING=ok; \
+        dd if=/dev/urandom of=/tmp/d bs=1M count=4 2>/dev/null; \
+        echo GSENT=$(sha256sum </tmp/d); \
+        nc 10.0.2.1 5000 </tmp/d; \
+        mkfifo /tmp/f; exec 3<>/tmp/f; nc 10.0.2.1 5001 <&3 >/tmp/r; \
+        echo GRECV=$(sha256sum </tmp/r) $(wc -c </tmp/r)";
+    // Everything network-related happens inside the namespace; the vmm runs there too.
+    let cmd = format!(
+        "set -e; ip() {{ host-exec ip \"$@\"; }}; \
+         ip netns add {ns}; ip -n {ns} link set lo up; \
+         ip -n {ns} tuntap add tap0 mode tap; ip -n {ns} addr add 10.0.2.1/24 dev tap0; \
+         ip -n {ns} link set tap0 up; \
+         if ip link show tap0 >/dev/null 2>&1; then echo TAP-IN-ROOT-NS; fi; \
+         dd if=/dev/urandom of=/tmp/h bs=1M count=4 2>/dev/null; \
+         echo HSENT=$(sha256sum </tmp/h); \
+         ip netns exec {ns} nc -l -p 5000 >{rel}/from-guest & a=$!; \
+         ip netns exec {ns} nc -l -p 5001 </tmp/h & b=$!; \
+         set +e; \
+         ip netns exec {ns} {vmm}; st=$?; \
+         sleep 1; kill $a $b 2>/dev/null; wait; \
+         echo HRECV=$(sha256sum <{rel}/from-guest) $(wc -c <{rel}/from-guest); \
+         exit $st",
+        vmm = minimal(&format!(
+            "--net tap=tap0,mac=02:00:00:00:00:2a --cmdline 'console=ttyS0 panic=-1 pci=off quiet -- {guest}'"
+        )),
+    );
+    let run = run_guest(&cmd, TIMEOUT);
+    assert_clean(&run);
+    run.expect_status(0);
+    assert!(!run.output.contains("TAP-IN-ROOT-NS"), "the tap is only in the namespace");
+    assert_eq!(value(&run, "MAC"), "02:00:00:00:00:2a", "MAC from config space");
+    assert_eq!(value(&run, "PING"), "ok");
+    assert_eq!(value(&run, "HRECV"), value(&run, "GSENT"), "guest → host stream intact");
+    assert_eq!(value(&run, "GRECV"), value(&run, "HSENT"), "host → guest stream intact");
+    let _ = fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn vsock_connects_both_ways_through_the_unix_socket() {
+    let (dir, rel) = scratch("vsock");
+    let peer = vsock_peer_binary();
+    let peer = peer.strip_prefix(root()).unwrap().display().to_string();
+    let sock = format!("{rel}/v.sock");
+    let guest = "echo guest-to-host | vsock connect 2 6000 && echo GCONNECT=ok; \
+        echo guest-reply >/tmp/reply; vsock listen 5000 </tmp/reply >/tmp/got && echo GLISTEN=ok; \
+        echo GGOT=$(cat /tmp/got)";
+    let cmd = format!(
+        "{peer} listen {sock}_6000 >{rel}/from-guest & l=$!; \
+         {vmm} & v=$!; \
+         i=0; until echo host-to-guest | {peer} connect {sock} 5000 >{rel}/answer 2>{rel}/peer.err; do \
+           i=$((i+1)); [ $i -gt 240 ] && {{ echo GAVE-UP; cat {rel}/peer.err; break; }}; sleep 0.5; done; \
+         wait $v; st=$?; kill $l 2>/dev/null; \
+         echo HGOT=$(cat {rel}/from-guest); echo ANSWER=$(cat {rel}/answer); \
+         [ -e {sock} ] && echo SOCKET-LEFT-BEHIND; exit $st",
+        vmm = minimal(&format!(
+            "--vsock cid=3,socket={sock} --cmdline 'console=ttyS0 panic=-1 pci=off quiet -- {guest}'"
+        )),
+    );
+    let run = run_guest(&cmd, TIMEOUT);
+    assert_clean(&run);
+    run.expect_status(0);
+    assert_eq!(value(&run, "GCONNECT"), "ok", "guest-initiated connection");
+    assert_eq!(value(&run, "HGOT"), "guest-to-host");
+    assert_eq!(value(&run, "GLISTEN"), "ok", "host-initiated connection");
+    assert_eq!(value(&run, "GGOT"), "host-to-guest");
+    assert_eq!(value(&run, "ANSWER"), "guest-reply");
+    assert!(!run.output.contains("SOCKET-LEFT-BEHIND"), "the vmm removes its socket");
+    let _ = fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn stock_cloud_kernel_finds_every_device_through_acpi() {
+    let (dir, rel) = scratch("cloud");
+    let data = pattern(4 * MIB, 99);
+    fs::write(dir.join("d.img"), &data).unwrap();
+    let guest = "echo R=$(dd if=/dev/vda bs=1M count=4 iflag=direct 2>/dev/null | sha256sum); \
+        echo RNG=$(cat /sys/class/misc/hw_random/rng_current); \
+        echo NET=$(cat /sys/class/net/eth0/address); \
+        echo VSOCK=$(ls /dev/vsock); \
+        echo NDEV=$(ls /sys/bus/virtio/devices | wc -l)";
+    let cmd = format!(
+        "host-exec ip tuntap add tapc mode tap && {}",
+        format!(
+            "vmm --kernel {} --initrd {} --memory 512M --disk {rel}/d.img --net tap=tapc \
+             --vsock cid=7,socket={rel}/c.sock --cmdline 'console=ttyS0 panic=-1 quiet -- {guest}'",
+            image("cloud/vmlinuz"),
+            image("cloud/initramfs.cpio.gz")
+        )
+    );
+    let run = run_guest(&cmd, TIMEOUT);
+    assert_clean(&run);
+    run.expect_status(0);
+    assert_eq!(value(&run, "R"), sha256(&data));
+    assert!(value(&run, "RNG").starts_with("virtio_rng"), "{}", run.output);
+    assert_eq!(value(&run, "NET"), "52:54:00:12:34:56");
+    assert_eq!(value(&run, "VSOCK"), "/dev/vsock");
+    assert_eq!(value(&run, "NDEV"), "4", "blk, net, vsock, rng");
+    let _ = fs::remove_dir_all(&dir);
+}
