@@ -96,7 +96,7 @@ fn disks_read_write_flush_readonly_and_rng() {
     let run = run_guest(
         &minimal(&format!(
             "--disk {rel}/w.img,id=wdisk --disk {rel}/r.img --disk {rel}/ro.img,readonly=on \
-             --cmdline 'console=ttyS0 panic=-1 pci=off quiet -- {script}'"
+             --cmdline 'console=ttyS0 panic=-1 pci=off quiet -- \"{script}\"'"
         )),
         TIMEOUT,
     );
@@ -138,6 +138,8 @@ fn network_through_a_tap_in_a_private_namespace() {
         mkfifo /tmp/f; exec 3<>/tmp/f; nc 10.0.2.1 5001 <&3 >/tmp/r; \
         echo GRECV=$(sha256sum </tmp/r) $(wc -c </tmp/r)";
     // Everything network-related happens inside the namespace; the vmm runs there too.
+    // busybox nc exits when its peer half-closes, so each receiving side keeps its own
+    // stdin open (a fifo nobody writes) and sends no FIN before the data is in.
     let cmd = format!(
         "set -e; ip() {{ host-exec ip \"$@\"; }}; \
          ip netns add {ns}; ip -n {ns} link set lo up; \
@@ -146,7 +148,8 @@ fn network_through_a_tap_in_a_private_namespace() {
          if ip link show tap0 >/dev/null 2>&1; then echo TAP-IN-ROOT-NS; fi; \
          dd if=/dev/urandom of=/tmp/h bs=1M count=4 2>/dev/null; \
          echo HSENT=$(sha256sum </tmp/h); \
-         ip netns exec {ns} nc -l -p 5000 >{rel}/from-guest & a=$!; \
+         mkfifo /tmp/hold; exec 4<>/tmp/hold; \
+         ip netns exec {ns} nc -l -p 5000 <&4 >{rel}/from-guest & a=$!; \
          ip netns exec {ns} nc -l -p 5001 </tmp/h & b=$!; \
          set +e; \
          ip netns exec {ns} {vmm}; st=$?; \
@@ -154,7 +157,7 @@ fn network_through_a_tap_in_a_private_namespace() {
          echo HRECV=$(sha256sum <{rel}/from-guest) $(wc -c <{rel}/from-guest); \
          exit $st",
         vmm = minimal(&format!(
-            "--net tap=tap0,mac=02:00:00:00:00:2a --cmdline 'console=ttyS0 panic=-1 pci=off quiet -- {guest}'"
+            "--net tap=tap0,mac=02:00:00:00:00:2a --cmdline 'console=ttyS0 panic=-1 pci=off quiet -- \"{guest}\"'"
         )),
     );
     let run = run_guest(&cmd, TIMEOUT);
@@ -163,8 +166,8 @@ fn network_through_a_tap_in_a_private_namespace() {
     assert!(!run.output.contains("TAP-IN-ROOT-NS"), "the tap is only in the namespace");
     assert_eq!(value(&run, "MAC"), "02:00:00:00:00:2a", "MAC from config space");
     assert_eq!(value(&run, "PING"), "ok");
-    assert_eq!(value(&run, "HRECV"), value(&run, "GSENT"), "guest → host stream intact");
-    assert_eq!(value(&run, "GRECV"), value(&run, "HSENT"), "host → guest stream intact");
+    assert_eq!(value(&run, "HRECV"), value(&run, "GSENT"), "guest → host stream intact:\n{}", run.output);
+    assert_eq!(value(&run, "GRECV"), value(&run, "HSENT"), "host → guest stream intact:\n{}", run.output);
     let _ = fs::remove_dir_all(&dir);
 }
 
@@ -173,7 +176,8 @@ fn vsock_connects_both_ways_through_the_unix_socket() {
     let (dir, rel) = scratch("vsock");
     let peer = vsock_peer_binary();
     let peer = peer.strip_prefix(root()).unwrap().display().to_string();
-    let sock = format!("{rel}/v.sock");
+    // Unix sockets cannot live on the test host's 9p share: use its /tmp.
+    let sock = "/tmp/v.sock".to_string();
     let guest = "echo guest-to-host | vsock connect 2 6000 && echo GCONNECT=ok; \
         echo guest-reply >/tmp/reply; vsock listen 5000 </tmp/reply >/tmp/got && echo GLISTEN=ok; \
         echo GGOT=$(cat /tmp/got)";
@@ -186,7 +190,7 @@ fn vsock_connects_both_ways_through_the_unix_socket() {
          echo HGOT=$(cat {rel}/from-guest); echo ANSWER=$(cat {rel}/answer); \
          [ -e {sock} ] && echo SOCKET-LEFT-BEHIND; exit $st",
         vmm = minimal(&format!(
-            "--vsock cid=3,socket={sock} --cmdline 'console=ttyS0 panic=-1 pci=off quiet -- {guest}'"
+            "--vsock cid=3,socket={sock} --cmdline 'console=ttyS0 panic=-1 pci=off quiet -- \"{guest}\"'"
         )),
     );
     let run = run_guest(&cmd, TIMEOUT);
@@ -215,7 +219,7 @@ fn stock_cloud_kernel_finds_every_device_through_acpi() {
         "host-exec ip tuntap add tapc mode tap && {}",
         format!(
             "vmm --kernel {} --initrd {} --memory 512M --disk {rel}/d.img --net tap=tapc \
-             --vsock cid=7,socket={rel}/c.sock --cmdline 'console=ttyS0 panic=-1 quiet -- {guest}'",
+             --vsock cid=7,socket=/tmp/c.sock --cmdline 'console=ttyS0 panic=-1 quiet -- \"{guest}\"'",
             image("cloud/vmlinuz"),
             image("cloud/initramfs.cpio.gz")
         )
