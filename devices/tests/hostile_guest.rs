@@ -17,6 +17,16 @@
 //! 4. `net_tx_rx`, `vsock_tx_rx`: random transmit chains (and receive chains) for
 //!    virtio-net and virtio-vsock, with fake backends that check their contracts.
 //!
+//! The transport owns its memory, so the mmio properties give it `Shared`, a handle on
+//! a `Recorder` (itself a `VecMemory`), instead of a bare `VecMemory`.
+//!
+//! Known failures are kept as `#[ignore]`d tests (`cargo test -- --ignored`):
+//! `blk_disk_changes_only_when_ok` (the strict disk invariant, as a property) and the
+//! minimal cases it and a review of `blk.rs` led to: `blk_discard_with_a_bad_second_segment_changes_nothing`,
+//! `blk_out_with_an_unreadable_tail_changes_nothing`,
+//! `blk_out_with_an_unreachable_status_byte_changes_nothing`,
+//! `blk_4gib_read_reports_a_truncated_used_length`.
+//!
 //! Case counts: the defaults keep the whole file well under 30 s in a debug build; set
 //! `HOSTILE_CASES=N` (or `PROPTEST_CASES=N`; proptest itself ignores it when a test
 //! gives a config, so we read it here) for a longer run. Each property prints the
@@ -80,7 +90,7 @@ where
         ran.load(Ordering::Relaxed),
         start.elapsed(),
         if result.is_ok() { "ok" } else { "FAILED" },
-        stats_for(name),
+        Some(stats_for(name)).filter(|s| !s.is_empty()).unwrap_or_else(|| "-".into()),
     );
     if let Err(e) = result {
         panic!("{name}: {e}");
@@ -494,6 +504,34 @@ fn as_descs(bufs: &[(u64, u32, bool)]) -> Vec<Descriptor> {
         .collect()
 }
 
+/// The checker itself: a device that read a descriptor may write its buffer only if the
+/// descriptor is device-writable, and may read nothing it was not shown.
+#[test]
+fn the_policy_catches_stray_accesses() {
+    let mem = Recorder::new(0, 0x1_0000);
+    let dq = DriverQueue::new(4, 0);
+    mem.set_policy(Some(Policy::for_queues(&[(dq.desc, dq.avail, dq.used, 4)])));
+    let mut raw = [0u8; 16];
+    raw[0..8].copy_from_slice(&0x8000u64.to_le_bytes());
+    raw[8..12].copy_from_slice(&16u32.to_le_bytes()); // device-readable
+    mem.poke(dq.desc, &raw);
+    let mut b = [0u8; 16];
+    mem.read(dq.desc, &mut b).unwrap(); // the device reads descriptor 0
+    mem.read(0x8000, &mut b).unwrap(); // and its buffer: fine
+    assert!(mem.violations().is_empty());
+    mem.write(0x8000, &[1]).unwrap(); // a device-readable buffer
+    mem.write(dq.used + 2, &[1, 0]).unwrap(); // the used ring: fine
+    mem.read(0x9000, &mut b).unwrap(); // never shown
+    let v = mem.violations();
+    assert_eq!(v.len(), 2, "{v:?}");
+    raw[12] = 2; // now device-writable
+    mem.poke(dq.desc + 16, &raw);
+    mem.read(dq.desc + 16, &mut b).unwrap();
+    mem.write(0x8008, &[0; 8]).unwrap();
+    mem.write(0x8008, &[0; 9]).unwrap(); // one byte past the buffer
+    assert_eq!(mem.violations().len(), 1);
+}
+
 // =======================================================================================
 // 1. The split virtqueue
 // =======================================================================================
@@ -542,7 +580,8 @@ struct QueueCase {
     used_off: u64,
     descs: Vec<RawDesc>,
     avail_flags: u16,
-    avail_idx: u16,
+    /// Taken modulo `size + 1` when the flag is set (else as is).
+    avail_idx: (u16, bool),
     ring: Vec<(u16, bool)>,
     used_event: u16,
     event_idx: bool,
@@ -612,7 +651,7 @@ fn queue_case() -> impl Strategy<Value = QueueCase> {
         1 => any::<u16>(),
     ];
     let max_log2 = prop_oneof![3 => Just(8u8), 1 => 0u8..=8];
-    let avail_idx = prop_oneof![4 => 0u16..=16, 1 => any::<u16>()];
+    let avail_idx = (any::<u16>(), prop::bool::weighted(0.8));
     let ring = vec((any::<u16>(), prop::bool::weighted(0.9)), 1..=32);
     (
         (base, max_log2, size),
@@ -946,7 +985,11 @@ fn queue_property(c: QueueCase) -> Result<(), TestCaseError> {
         mem.poke(desc.wrapping_add(16 * i as u64), &raw);
     }
     mem.poke(avail, &c.avail_flags.to_le_bytes());
-    mem.poke(avail.wrapping_add(2), &c.avail_idx.to_le_bytes());
+    let avail_idx = match c.avail_idx {
+        (v, true) => (u32::from(v) % (u32::from(size) + 1)) as u16,
+        (v, false) => v,
+    };
+    mem.poke(avail.wrapping_add(2), &avail_idx.to_le_bytes());
     for i in 0..n {
         let (h, yes) = c.ring[i % c.ring.len()];
         mem.poke(avail.wrapping_add(4 + 2 * i as u64), &in_range(h, yes).to_le_bytes());
@@ -1059,7 +1102,7 @@ fn queue_property(c: QueueCase) -> Result<(), TestCaseError> {
 
 #[test]
 fn split_virtqueue() {
-    run_property("split_virtqueue", 1500, queue_case(), queue_property);
+    run_property("split_virtqueue", 4000, queue_case(), queue_property);
 }
 
 // =======================================================================================
@@ -1172,8 +1215,9 @@ enum MmioOp {
         features: Features,
         ready: u32,
     },
-    /// The driver posts a chain on queue 0 (with the ring layout of a default bring-up).
-    Post(Vec<(u64, u32, bool)>),
+    /// The driver posts a chain on queue 0 (with the ring layout of a default bring-up),
+    /// and maybe kicks the queue (a 4-byte `QueueNotify` write).
+    Post(Vec<(u64, u32, bool)>, bool),
     Scribble { off: u32, bytes: Vec<u8> },
 }
 
@@ -1255,7 +1299,7 @@ fn mmio_op() -> BoxedStrategy<MmioOp> {
         6 => (off(), width(), val).prop_map(|(off, width, val)| MmioOp::Write { off, width, val }),
         3 => prop_oneof![4 => 0u32..3, 1 => any::<u32>()].prop_map(MmioOp::Notify),
         2 => bring_up,
-        4 => chain_bufs(M_RAM, M_DATA, 6).prop_map(MmioOp::Post),
+        5 => (chain_bufs(M_RAM, M_DATA, 6), prop::bool::weighted(0.7)).prop_map(|(b, kick)| MmioOp::Post(b, kick)),
         1 => (0u32..M_DATA as u32, vec(any::<u8>(), 1..16)).prop_map(|(off, bytes)| MmioOp::Scribble { off, bytes }),
     ]
     .boxed()
@@ -1442,9 +1486,12 @@ fn mmio_property<D: VirtioDevice>(device: D, c: &MmioCase, check: impl Fn(&D) ->
                 mem.poke(0, &vec![0; 0x3000]);
                 dq = DriverQueue::new(dq_size, 0);
             }
-            MmioOp::Post(bufs) => {
+            MmioOp::Post(bufs, kick) => {
                 let n = bufs.len().min(usize::from(dq_size));
                 dq.add(&mem.inner, &bufs[..n]);
+                if *kick {
+                    wr32(&mut t, reg::QUEUE_NOTIFY, 0);
+                }
             }
             MmioOp::Scribble { off, bytes } => mem.poke(u64::from(*off), bytes),
         }
@@ -1493,14 +1540,14 @@ fn mmio_property<D: VirtioDevice>(device: D, c: &MmioCase, check: impl Fn(&D) ->
 
 #[test]
 fn mmio_rng() {
-    run_property("mmio_rng", 300, mmio_case(), |c| {
+    run_property("mmio_rng", 800, mmio_case(), |c| {
         mmio_property(Rng::new(Counter(0)), &c, |_| Ok(()))
     });
 }
 
 #[test]
 fn mmio_block() {
-    run_property("mmio_block", 300, mmio_case(), |c| {
+    run_property("mmio_block", 800, mmio_case(), |c| {
         let disk = MemDisk::new(c.sectors, c.can_discard);
         let before = disk.snapshot();
         let view = disk.clone();
@@ -1574,7 +1621,8 @@ fn blk_req() -> BoxedStrategy<BlkReq> {
         1 => any::<u32>(),
     ];
     let data_len = prop_oneof![
-        4 => (0u32..=144).prop_map(|k| k * 512),
+        4 => (0u32..=16).prop_map(|k| k * 512),
+        2 => (0u32..=144).prop_map(|k| k * 512),
         2 => 0u32..2048,
         1 => any::<u32>(),
         1 => u32::MAX - 16..=u32::MAX,
@@ -1585,7 +1633,8 @@ fn blk_req() -> BoxedStrategy<BlkReq> {
         prop_oneof![8 => Just(0u32), 1 => any::<u32>()],
     );
     let status = prop_oneof![
-        8 => addr().prop_map(|a| Some((a, 1, true))),
+        16 => (B_DATA..B_RAM).prop_map(|a| Some((a, 1, true))),
+        4 => addr().prop_map(|a| Some((a, 1, true))),
         1 => (addr(), buf_len(), any::<bool>()).prop_map(Some),
         1 => Just(None),
     ];
@@ -1596,8 +1645,43 @@ fn blk_req() -> BoxedStrategy<BlkReq> {
         vec((addr(), data_len, any::<bool>()), 0..=4),
         status,
         prop::bool::weighted(0.9),
+        prop::bool::weighted(0.7),
+        prop::bool::weighted(0.4),
     )
-        .prop_map(|((kind, ioprio, sector), (hdr_addr, hdr_len, hdr_split), discard, data, status, sorted)| BlkReq {
+        .prop_map(|((kind, ioprio, mut sector), (mut hdr_addr, mut hdr_len, mut hdr_split), mut discard, mut data, mut status, sorted, natural, clean)| {
+            if clean {
+                // Well-formed but for the type, the sector and the sizes: everything in
+                // RAM, whole sectors (sometimes more than the 64 KiB bounce buffer).
+                let room = |len: u64| B_RAM - B_DATA - len;
+                hdr_addr = B_DATA + hdr_addr % room(16);
+                hdr_len = 16;
+                hdr_split = None;
+                sector %= 210;
+                for d in &mut data {
+                    let sectors = if d.1 % 8 == 0 { d.1 % 145 } else { d.1 % 9 };
+                    d.1 = sectors * SECTOR_SIZE as u32;
+                    d.0 = B_DATA + d.0 % room(u64::from(d.1));
+                }
+                if kind == req::DISCARD {
+                    data.clear();
+                }
+                if let Some((a, segs)) = &mut discard {
+                    segs.truncate(1 + (*a % 4) as usize);
+                    *a = B_DATA + *a % room(16 * segs.len() as u64);
+                    for seg in segs {
+                        seg.0 %= 210;
+                        seg.1 %= 64;
+                    }
+                }
+                status = Some((B_DATA + status.map_or(0, |s| s.0) % room(1), 1, true));
+            }
+            if natural {
+                // Data buffers in the direction the request type implies.
+                for d in &mut data {
+                    d.2 = kind == req::IN || kind == req::GET_ID;
+                }
+            }
+            BlkReq {
             kind,
             ioprio,
             sector,
@@ -1608,7 +1692,7 @@ fn blk_req() -> BoxedStrategy<BlkReq> {
             data,
             status,
             sorted,
-        })
+        }})
         .boxed()
 }
 
@@ -1952,7 +2036,178 @@ fn blk_property(c: BlkCase, strict: bool) -> Result<(), TestCaseError> {
 
 #[test]
 fn blk_requests() {
-    run_property("blk_requests", 1000, blk_case(), |c| blk_property(c, false));
+    run_property("blk_requests", 2500, blk_case(), |c| blk_property(c, false));
+}
+
+/// The strict form of "the disk only changes for OUT/DISCARD requests that complete OK".
+/// It also counts coverage under `blk_requests.*`.
+/// It does not hold today; see the regression tests below.
+#[test]
+#[ignore = "fails: blk.rs writes to the disk before it knows the request will complete OK"]
+fn blk_disk_changes_only_when_ok() {
+    run_property("blk_disk_changes_only_when_ok", 1000, blk_case(), |c| blk_property(c, true));
+}
+
+// ---------------------------------------------------------------------------------------
+// virtio-blk regressions (minimal inputs found by the properties above)
+// ---------------------------------------------------------------------------------------
+
+/// One chain through a fresh virtio-blk device over a `sectors`-sector disk (pattern
+/// bytes; guest RAM filled with other pattern bytes). `setup` writes the request.
+/// Returns (status byte if its address is in RAM, used length, disk before, disk after).
+fn blk_submit(sectors: u64, bufs: &[(u64, u32, bool)], setup: impl FnOnce(&Recorder)) -> (Option<u8>, u32, Vec<u8>, Vec<u8>) {
+    let disk = MemDisk::new(sectors, true);
+    let before = disk.snapshot();
+    let mut dev = Block::new(disk.clone(), false, ID);
+    let mut rig = BlkRig::new(false);
+    setup(&rig.mem);
+    rig.dq.add(&rig.mem.inner, bufs);
+    dev.queue_notify(0, &mut rig.queues, &rig.mem).unwrap();
+    rig.mem.check_policy("regression").unwrap();
+    let used = rig.dq.used(&rig.mem.inner);
+    assert_eq!(used.len(), 1);
+    let &(addr, len, _) = bufs.last().unwrap();
+    let status = rig.mem.peek(addr + u64::from(len) - 1, 1).map(|b| b[0]);
+    (status, used[0].1, before, disk.snapshot())
+}
+
+fn blk_header(mem: &Recorder, addr: u64, kind: u32, sector: u64) {
+    let mut h = [0u8; 16];
+    h[0..4].copy_from_slice(&kind.to_le_bytes());
+    h[8..16].copy_from_slice(&sector.to_le_bytes());
+    mem.poke(addr, &h);
+}
+
+/// Found by `blk_disk_changes_only_when_ok` (shrunk): a DISCARD whose second segment has
+/// `flags = 1` completes with `UNSUPP`, but its first segment (sector 0, 1 sector) was
+/// already discarded. `devices/src/virtio/blk.rs`, `Block::discard` (lines 195-214)
+/// calls `backend.discard` per segment before checking the next one.
+#[test]
+#[ignore = "fails: blk.rs Block::discard discards segments before validating the later ones"]
+fn blk_discard_with_a_bad_second_segment_changes_nothing() {
+    const HDR: u64 = 0x4000;
+    const SEGS: u64 = 0x5000;
+    const STATUS: u64 = 0x6000;
+    let (status, _, before, after) = blk_submit(8, &[(HDR, 16, false), (SEGS, 32, false), (STATUS, 1, true)], |mem| {
+        blk_header(mem, HDR, req::DISCARD, 0);
+        let mut segs = [0u8; 32];
+        segs[8..12].copy_from_slice(&1u32.to_le_bytes()); // sector 0, 1 sector, flags 0
+        segs[28..32].copy_from_slice(&1u32.to_le_bytes()); // sector 0, 0 sectors, flags 1 (UNMAP)
+        mem.poke(SEGS, &segs);
+    });
+    assert_eq!(status, Some(blk::status::UNSUPP));
+    assert!(after == before, "an UNSUPP discard zeroed sector 0");
+}
+
+/// An OUT of 64 KiB + 512 bytes whose last 512 bytes lie outside guest RAM completes with
+/// `IOERR`, but the first 64 KiB were written to the disk. `devices/src/virtio/blk.rs`,
+/// `Block::write` (lines 175-188) writes each 64 KiB bounce chunk before reading the next.
+#[test]
+#[ignore = "fails: blk.rs Block::write writes 64 KiB chunks before the rest of the request is known to be readable"]
+fn blk_out_with_an_unreadable_tail_changes_nothing() {
+    const HDR: u64 = 0x4000;
+    const STATUS: u64 = 0x6000;
+    let bufs = [(HDR, 16, false), (0x1_0000, 0x1_0000, false), (1 << 40, 512, false), (STATUS, 1, true)];
+    let (status, _, before, after) = blk_submit(256, &bufs, |mem| blk_header(mem, HDR, req::OUT, 0));
+    assert_eq!(status, Some(blk::status::IOERR));
+    assert!(after == before, "an IOERR write changed the first 64 KiB of the disk");
+}
+
+/// An OUT whose status byte lies outside guest RAM is executed (the disk changes) and
+/// returned with used length 0: the guest is never told the write happened.
+/// `devices/src/virtio/blk.rs`, `queue_notify` (lines 254-258) runs the request before
+/// finding that the status byte cannot be written.
+#[test]
+#[ignore = "fails: blk.rs queue_notify executes a request whose status byte is outside RAM"]
+fn blk_out_with_an_unreachable_status_byte_changes_nothing() {
+    const HDR: u64 = 0x4000;
+    let bufs = [(HDR, 16, false), (0x1_0000, 512, false), (1 << 40, 1, true)];
+    let (status, used, before, after) = blk_submit(8, &bufs, |mem| blk_header(mem, HDR, req::OUT, 0));
+    assert_eq!((status, used), (None, 0));
+    assert!(after == before, "a request with no status byte changed the disk");
+}
+
+/// Guest RAM of `SPARSE_RAM` bytes of which only the first `SPARSE_LOW` are stored:
+/// reads above read zeros, writes above are dropped.
+struct SparseMem {
+    low: VecMemory,
+}
+
+const SPARSE_LOW: u64 = 0x10_0000;
+const SPARSE_RAM: u64 = 8 << 30;
+
+impl GuestMemory for SparseMem {
+    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemError> {
+        if self.low.read(addr, buf).is_ok() {
+            return Ok(());
+        }
+        if !self.check_range(addr, buf.len() as u64) {
+            return Err(MemError { addr, len: buf.len() as u64 });
+        }
+        buf.fill(0);
+        Ok(())
+    }
+    fn write(&self, addr: u64, buf: &[u8]) -> Result<(), MemError> {
+        if addr.checked_add(buf.len() as u64).is_some_and(|e| e <= SPARSE_LOW) {
+            return self.low.write(addr, buf);
+        }
+        if !self.check_range(addr, buf.len() as u64) {
+            return Err(MemError { addr, len: buf.len() as u64 });
+        }
+        Ok(())
+    }
+    fn check_range(&self, addr: u64, len: u64) -> bool {
+        addr.checked_add(len).is_some_and(|e| e <= SPARSE_RAM)
+    }
+}
+
+/// A disk of zeros that stores nothing.
+struct ZeroDisk(u64);
+
+impl BlockBackend for ZeroDisk {
+    fn len(&self) -> u64 {
+        self.0
+    }
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), BackendError> {
+        assert!(offset + buf.len() as u64 <= self.0);
+        buf.fill(0);
+        Ok(())
+    }
+    fn write_at(&mut self, _offset: u64, _buf: &[u8]) -> Result<(), BackendError> {
+        Ok(())
+    }
+    fn flush(&mut self) -> Result<(), BackendError> {
+        Ok(())
+    }
+}
+
+/// A 4 GiB IN (two 2 GiB writable buffers plus the status byte; virtio forbids chains of
+/// 2^32 bytes or more, a hostile driver does not care) is executed, and its used length
+/// comes out as 1: `written as u32 + 1` in `devices/src/virtio/blk.rs` `queue_notify`
+/// (line 257) truncates the 2^32 bytes written. No panic, no bad access; the guest is
+/// told a wrong length. (Takes a few seconds: 4 GiB go through the bounce buffer.)
+#[test]
+#[ignore = "fails: blk.rs queue_notify truncates the used length of a >= 4 GiB read"]
+fn blk_4gib_read_reports_a_truncated_used_length() {
+    let mem = SparseMem {
+        low: VecMemory::new(0, SPARSE_LOW as usize),
+    };
+    let mut dq = DriverQueue::new(16, 0);
+    let mut queues = [Queue::new(256)];
+    dq.configure(&mut queues[0]);
+    queues[0].validate(&mem).unwrap();
+    let mut dev = Block::new(ZeroDisk(5 << 30), false, ID);
+    let mut h = [0u8; 16];
+    h[0..4].copy_from_slice(&req::IN.to_le_bytes());
+    mem.write(0x4000, &h).unwrap();
+    dq.add(&mem, &[(0x4000, 16, false), (1 << 30, 1 << 31, true), (3 << 30, 1 << 31, true), (0x5000, 1, true)]);
+    dev.queue_notify(0, &mut queues, &mem).unwrap();
+    let mut st = [0xff];
+    mem.read(0x5000, &mut st).unwrap();
+    assert_eq!(st[0], blk::status::OK);
+    let used = dq.used(&mem);
+    // 2^32 + 1 bytes were written; the most a u32 can say is u32::MAX, not 1.
+    assert!(used[0].1 > 1, "used length {} for 4 GiB + 1 bytes written", used[0].1);
 }
 
 // =======================================================================================
@@ -2222,7 +2477,7 @@ fn net_property(c: NetCase) -> Result<(), TestCaseError> {
 
 #[test]
 fn net_tx_rx() {
-    run_property("net_tx_rx", 400, net_case(), net_property);
+    run_property("net_tx_rx", 1000, net_case(), net_property);
 }
 
 // =======================================================================================
@@ -2447,5 +2702,5 @@ fn vsock_property(c: VsockCase) -> Result<(), TestCaseError> {
 
 #[test]
 fn vsock_tx_rx() {
-    run_property("vsock_tx_rx", 400, vsock_case(), vsock_property);
+    run_property("vsock_tx_rx", 1000, vsock_case(), vsock_property);
 }

@@ -234,3 +234,25 @@ fn stock_cloud_kernel_finds_every_device_through_acpi() {
     assert_eq!(value(&run, "NDEV"), "4", "blk, net, vsock, rng");
     let _ = fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_kernel_without_acpi_finds_the_devices_on_its_command_line() {
+    let (dir, rel) = scratch("acpi-off");
+    let data = pattern(MIB, 3);
+    fs::write(dir.join("d.img"), &data).unwrap();
+    let guest = "echo CMDLINE=$(grep -c virtio_mmio.device=4K@0xd0000000:5 /proc/cmdline); \
+        echo R=$(dd if=/dev/vda bs=1M count=1 2>/dev/null | sha256sum); \
+        echo RNG=$(cat /sys/class/misc/hw_random/rng_current); exit 7";
+    let run = run_guest(
+        &minimal(&format!(
+            "--disk {rel}/d.img --cmdline 'console=ttyS0 panic=-1 pci=off acpi=off quiet -- \"{guest}\"'"
+        )),
+        TIMEOUT,
+    );
+    assert_clean(&run);
+    run.expect_status(7);
+    assert_eq!(value(&run, "CMDLINE"), "1", "{}", run.output);
+    assert_eq!(value(&run, "R"), sha256(&data));
+    assert!(value(&run, "RNG").starts_with("virtio_rng"), "{}", run.output);
+    let _ = fs::remove_dir_all(&dir);
+}

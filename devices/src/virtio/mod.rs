@@ -11,6 +11,8 @@
 //! - Work per call is bounded: a device copies through fixed-size buffers and handles
 //!   at most one queue's worth of chains per notification before re-checking.
 
+#![forbid(unsafe_code)]
+
 pub mod blk;
 pub mod mem;
 pub mod mmio;
