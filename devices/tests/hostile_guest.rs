@@ -66,8 +66,12 @@ fn cases(default: u32) -> u32 {
 
 /// Run `test` on `cases` values of `strategy` (shrinking a failure), then print how many
 /// cases ran. Failures are not persisted to files.
-fn run_property<S>(name: &str, default_cases: u32, strategy: S, test: impl Fn(S::Value) -> Result<(), TestCaseError>)
-where
+fn run_property<S>(
+    name: &str,
+    default_cases: u32,
+    strategy: S,
+    test: impl Fn(S::Value) -> Result<(), TestCaseError>,
+) where
     S: Strategy,
     S::Value: std::fmt::Debug,
 {
@@ -100,11 +104,17 @@ where
 /// Coverage counters (`"property.event"`), printed after each property so a run shows
 /// that the generators reach the interesting paths.
 fn hit(event: &'static str) {
-    static_stats().lock().unwrap().entry(event).and_modify(|n| *n += 1).or_insert(1);
+    static_stats()
+        .lock()
+        .unwrap()
+        .entry(event)
+        .and_modify(|n| *n += 1)
+        .or_insert(1);
 }
 
 fn static_stats() -> &'static Mutex<std::collections::BTreeMap<&'static str, usize>> {
-    static STATS: OnceLock<Mutex<std::collections::BTreeMap<&'static str, usize>>> = OnceLock::new();
+    static STATS: OnceLock<Mutex<std::collections::BTreeMap<&'static str, usize>>> =
+        OnceLock::new();
     STATS.get_or_init(Default::default)
 }
 
@@ -125,7 +135,11 @@ fn fail(msg: impl Into<String>) -> TestCaseError {
 
 fn same_bytes(what: &str, got: &[u8], want: &[u8]) -> Result<(), TestCaseError> {
     if got.len() != want.len() {
-        return Err(fail(format!("{what}: {} bytes, expected {}", got.len(), want.len())));
+        return Err(fail(format!(
+            "{what}: {} bytes, expected {}",
+            got.len(),
+            want.len()
+        )));
     }
     if let Some(i) = (0..got.len()).find(|&i| got[i] != want[i]) {
         return Err(fail(format!(
@@ -293,12 +307,17 @@ impl Recorder {
         if v.is_empty() {
             Ok(())
         } else {
-            Err(fail(format!("{what}: {} bad accesses, first: {}", v.len(), v[0])))
+            Err(fail(format!(
+                "{what}: {} bad accesses, first: {}",
+                v.len(),
+                v[0]
+            )))
         }
     }
 
     fn in_ram(&self, addr: u64, len: u64) -> bool {
-        addr >= self.base && u128::from(addr) + u128::from(len) <= u128::from(self.base) + u128::from(self.size)
+        addr >= self.base
+            && u128::from(addr) + u128::from(len) <= u128::from(self.base) + u128::from(self.size)
     }
 }
 
@@ -306,8 +325,13 @@ impl GuestMemory for Recorder {
     fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemError> {
         self.inner.read(addr, buf)?;
         if !buf.is_empty() {
-            assert!(self.in_ram(addr, buf.len() as u64), "VecMemory let a read out of RAM");
-            self.log.borrow_mut().push(Access::Read(addr, buf.len() as u64));
+            assert!(
+                self.in_ram(addr, buf.len() as u64),
+                "VecMemory let a read out of RAM"
+            );
+            self.log
+                .borrow_mut()
+                .push(Access::Read(addr, buf.len() as u64));
             if let Some(p) = self.policy.borrow_mut().as_mut() {
                 p.on_read(addr, buf);
             }
@@ -318,8 +342,13 @@ impl GuestMemory for Recorder {
     fn write(&self, addr: u64, buf: &[u8]) -> Result<(), MemError> {
         self.inner.write(addr, buf)?;
         if !buf.is_empty() {
-            assert!(self.in_ram(addr, buf.len() as u64), "VecMemory let a write out of RAM");
-            self.log.borrow_mut().push(Access::Write(addr, buf.to_vec()));
+            assert!(
+                self.in_ram(addr, buf.len() as u64),
+                "VecMemory let a write out of RAM"
+            );
+            self.log
+                .borrow_mut()
+                .push(Access::Write(addr, buf.to_vec()));
             if let Some(p) = self.policy.borrow_mut().as_mut() {
                 p.on_write(addr, buf.len() as u64);
             }
@@ -422,7 +451,11 @@ fn merge(parts: impl IntoIterator<Item = (u64, Vec<u8>)>) -> Vec<(u64, Vec<u8>)>
     out
 }
 
-fn same_writes(what: &str, got: &[(u64, Vec<u8>)], want: &[(u64, Vec<u8>)]) -> Result<(), TestCaseError> {
+fn same_writes(
+    what: &str,
+    got: &[(u64, Vec<u8>)],
+    want: &[(u64, Vec<u8>)],
+) -> Result<(), TestCaseError> {
     if got.len() != want.len() {
         return Err(fail(format!(
             "{what}: {} write runs, expected {} (got at {:x?}, expected at {:x?})",
@@ -434,7 +467,9 @@ fn same_writes(what: &str, got: &[(u64, Vec<u8>)], want: &[(u64, Vec<u8>)]) -> R
     }
     for ((ga, gd), (wa, wd)) in got.iter().zip(want) {
         if ga != wa {
-            return Err(fail(format!("{what}: a write at {ga:#x}, expected at {wa:#x}")));
+            return Err(fail(format!(
+                "{what}: a write at {ga:#x}, expected at {wa:#x}"
+            )));
         }
         same_bytes(what, gd, wd)?;
     }
@@ -484,7 +519,13 @@ fn buf_len() -> BoxedStrategy<u32> {
 /// A posted chain: `(addr, len, device_writable)` buffers, device-readable ones first
 /// unless `sorted` is false.
 fn chain_bufs(ram: u64, data: u64, max: usize) -> BoxedStrategy<Vec<(u64, u32, bool)>> {
-    (vec((buf_addr(ram, data, false), buf_len(), any::<bool>()), 1..=max), prop::bool::weighted(0.9))
+    (
+        vec(
+            (buf_addr(ram, data, false), buf_len(), any::<bool>()),
+            1..=max,
+        ),
+        prop::bool::weighted(0.9),
+    )
         .prop_map(|(mut bufs, sorted)| {
             if sorted {
                 bufs.sort_by_key(|b| b.2);
@@ -500,7 +541,11 @@ fn ordered(bufs: &[(u64, u32, bool)]) -> bool {
 
 fn as_descs(bufs: &[(u64, u32, bool)]) -> Vec<Descriptor> {
     bufs.iter()
-        .map(|&(addr, len, writable)| Descriptor { addr, len, writable })
+        .map(|&(addr, len, writable)| Descriptor {
+            addr,
+            len,
+            writable,
+        })
         .collect()
 }
 
@@ -558,14 +603,28 @@ enum Piece {
 #[derive(Debug, Clone)]
 enum QOp {
     Pop,
-    Read { chain: usize, pieces: Vec<u32> },
-    Write { chain: usize, pieces: Vec<Piece> },
-    AddUsed { chain: Option<usize>, head: u16, len: u32 },
+    Read {
+        chain: usize,
+        pieces: Vec<u32>,
+    },
+    Write {
+        chain: usize,
+        pieces: Vec<Piece>,
+    },
+    AddUsed {
+        chain: Option<usize>,
+        head: u16,
+        len: u32,
+    },
     NeedsNotification,
     EnableNotification,
     SetEventIdx(bool),
     /// The driver writes `bytes` into region 0 (descriptors), 1 (avail), 2 (used), 3 (anywhere).
-    Scribble { region: u8, off: u16, bytes: Vec<u8> },
+    Scribble {
+        region: u8,
+        off: u16,
+        bytes: Vec<u8>,
+    },
     /// The driver moves the available index on by this much.
     BumpAvail(u16),
 }
@@ -604,7 +663,13 @@ fn raw_desc() -> BoxedStrategy<RawDesc> {
         1 => 0u16..8,
         1 => any::<u16>(),
     ];
-    (buf_addr(Q_RAM, Q_DATA, true), buf_len(), flags, any::<u16>(), prop::bool::weighted(0.9))
+    (
+        buf_addr(Q_RAM, Q_DATA, true),
+        buf_len(),
+        flags,
+        any::<u16>(),
+        prop::bool::weighted(0.9),
+    )
         .prop_map(|(addr, len, flags, next, next_in_range)| RawDesc {
             addr,
             len,
@@ -661,7 +726,13 @@ fn queue_case() -> impl Strategy<Value = QueueCase> {
         vec(q_op(), 0..40),
     )
         .prop_map(
-            |((base, max_log2, size), (desc_off, avail_off, used_off), descs, (avail_flags, avail_idx, ring, used_event, event_idx), ops)| {
+            |(
+                (base, max_log2, size),
+                (desc_off, avail_off, used_off),
+                descs,
+                (avail_flags, avail_idx, ring, used_event, event_idx),
+                ops,
+            )| {
                 QueueCase {
                     base,
                     max_log2,
@@ -761,8 +832,15 @@ impl QRig {
         let tables = [(self.desc, 16 * self.n()), self.avail_ring()];
         for a in self.mem.take_log() {
             match a {
-                Access::Write(addr, d) => return Err(fail(format!("pop wrote {addr:#x}+{:#x}", d.len()))),
-                Access::Read(addr, len) => prop_assert!(within(&tables, addr, len), "pop read {:#x}+{:#x}", addr, len),
+                Access::Write(addr, d) => {
+                    return Err(fail(format!("pop wrote {addr:#x}+{:#x}", d.len())))
+                }
+                Access::Read(addr, len) => prop_assert!(
+                    within(&tables, addr, len),
+                    "pop read {:#x}+{:#x}",
+                    addr,
+                    len
+                ),
             }
         }
         match (got, want) {
@@ -773,7 +851,12 @@ impl QRig {
                     hit("split_virtqueue.pop_multi");
                 }
                 prop_assert_eq!(&c, &w);
-                prop_assert!(!c.descs.is_empty() && c.descs.len() <= usize::from(self.size), "chain of {} in a queue of {}", c.descs.len(), self.size);
+                prop_assert!(
+                    !c.descs.is_empty() && c.descs.len() <= usize::from(self.size),
+                    "chain of {} in a queue of {}",
+                    c.descs.len(),
+                    self.size
+                );
                 prop_assert!(c.head < self.size);
                 prop_assert!(!c.descs.windows(2).any(|w| w[0].writable && !w[1].writable));
                 self.chains.push(c);
@@ -807,8 +890,15 @@ impl QRig {
             let got = r.read(&self.mem, &mut buf);
             for a in self.mem.take_log() {
                 match a {
-                    Access::Write(addr, _) => return Err(fail(format!("Reader wrote at {addr:#x}"))),
-                    Access::Read(addr, len) => prop_assert!(within(&bufs, addr, len), "Reader read {:#x}+{:#x} outside its buffers", addr, len),
+                    Access::Write(addr, _) => {
+                        return Err(fail(format!("Reader wrote at {addr:#x}")))
+                    }
+                    Access::Read(addr, len) => prop_assert!(
+                        within(&bufs, addr, len),
+                        "Reader read {:#x}+{:#x} outside its buffers",
+                        addr,
+                        len
+                    ),
                 }
             }
             match (got, want) {
@@ -825,7 +915,12 @@ impl QRig {
                     hit("split_virtqueue.read_refused");
                     break;
                 }
-                (g, w) => return Err(fail(format!("Reader::read({n}) gave {g:?}, expected {:?}", w.map(|b| b.len())))),
+                (g, w) => {
+                    return Err(fail(format!(
+                        "Reader::read({n}) gave {g:?}, expected {:?}",
+                        w.map(|b| b.len())
+                    )))
+                }
             }
         }
         Ok(())
@@ -861,7 +956,10 @@ impl QRig {
                     }
                     let got = w.write(&self.mem, &data);
                     let log = self.mem.take_log();
-                    prop_assert!(log.iter().all(|a| matches!(a, Access::Write(..))), "Writer read guest memory");
+                    prop_assert!(
+                        log.iter().all(|a| matches!(a, Access::Write(..))),
+                        "Writer read guest memory"
+                    );
                     same_writes("Writer::write", &merge(writes_of(&log)), &merge(want))?;
                     match (got, ok) {
                         (Ok(m), true) => {
@@ -876,7 +974,11 @@ impl QRig {
                             hit("split_virtqueue.write_refused");
                             break;
                         }
-                        (g, _) => return Err(fail(format!("Writer::write({n}) gave {g:?}, expected ok: {ok}"))),
+                        (g, _) => {
+                            return Err(fail(format!(
+                                "Writer::write({n}) gave {g:?}, expected ok: {ok}"
+                            )))
+                        }
                     }
                 }
                 Piece::Skip(n) => {
@@ -938,7 +1040,9 @@ impl QRig {
         let ring = [self.avail_ring()];
         for a in self.mem.take_log() {
             match a {
-                Access::Write(addr, _) => return Err(fail(format!("needs_notification wrote {addr:#x}"))),
+                Access::Write(addr, _) => {
+                    return Err(fail(format!("needs_notification wrote {addr:#x}")))
+                }
                 Access::Read(addr, len) => prop_assert!(within(&ring, addr, len)),
             }
         }
@@ -992,9 +1096,15 @@ fn queue_property(c: QueueCase) -> Result<(), TestCaseError> {
     mem.poke(avail.wrapping_add(2), &avail_idx.to_le_bytes());
     for i in 0..n {
         let (h, yes) = c.ring[i % c.ring.len()];
-        mem.poke(avail.wrapping_add(4 + 2 * i as u64), &in_range(h, yes).to_le_bytes());
+        mem.poke(
+            avail.wrapping_add(4 + 2 * i as u64),
+            &in_range(h, yes).to_le_bytes(),
+        );
     }
-    mem.poke(avail.wrapping_add(4 + 2 * u64::from(size)), &c.used_event.to_le_bytes());
+    mem.poke(
+        avail.wrapping_add(4 + 2 * u64::from(size)),
+        &c.used_event.to_le_bytes(),
+    );
 
     let max = 1u16 << c.max_log2;
     let mut q = Queue::new(max);
@@ -1009,12 +1119,20 @@ fn queue_property(c: QueueCase) -> Result<(), TestCaseError> {
     let want_valid = size != 0
         && size.is_power_of_two()
         && size <= max
-        && [(desc, 16, 16 * nn), (avail, 2, 6 + 2 * nn), (used, 4, 6 + 8 * nn)]
-            .iter()
-            .all(|&(a, align, len)| a % align == 0 && mem.check_range(a, len));
+        && [
+            (desc, 16, 16 * nn),
+            (avail, 2, 6 + 2 * nn),
+            (used, 4, 6 + 8 * nn),
+        ]
+        .iter()
+        .all(|&(a, align, len)| a % align == 0 && mem.check_range(a, len));
     prop_assert_eq!(valid.is_ok(), want_valid, "validate() said {:?}", valid);
     prop_assert!(mem.take_log().is_empty(), "validate touched guest memory");
-    hit(if valid.is_ok() { "split_virtqueue.valid" } else { "split_virtqueue.invalid" });
+    hit(if valid.is_ok() {
+        "split_virtqueue.valid"
+    } else {
+        "split_virtqueue.invalid"
+    });
     if valid.is_err() {
         // Nothing may use an invalid queue (the transport marks the device NEEDS_RESET).
         return Ok(());
@@ -1075,7 +1193,8 @@ fn queue_property(c: QueueCase) -> Result<(), TestCaseError> {
                     2 => used + off % (6 + 8 * nn),
                     _ => c.base.wrapping_add(off % Q_RAM),
                 };
-                let room = (c.base.wrapping_add(Q_RAM).wrapping_sub(addr)).min(bytes.len() as u64) as usize;
+                let room = (c.base.wrapping_add(Q_RAM).wrapping_sub(addr)).min(bytes.len() as u64)
+                    as usize;
                 rig.mem.poke(addr, &bytes[..room]);
             }
             QOp::BumpAvail(d) => {
@@ -1096,7 +1215,12 @@ fn queue_property(c: QueueCase) -> Result<(), TestCaseError> {
             popped += 1;
         }
     }
-    prop_assert!(ended && popped <= u32::from(size), "popped {} chains from a queue of {} without end", popped, size);
+    prop_assert!(
+        ended && popped <= u32::from(size),
+        "popped {} chains from a queue of {} without end",
+        popped,
+        size
+    );
     Ok(())
 }
 
@@ -1158,7 +1282,9 @@ impl MemDisk {
         let disk = self.data.lock().unwrap().len() as u64;
         match offset.checked_add(len) {
             Some(end) if end <= disk => offset as usize..end as usize,
-            _ => panic!("device asked the backend to {what} {offset:#x}+{len:#x} of a {disk:#x}-byte disk"),
+            _ => panic!(
+                "device asked the backend to {what} {offset:#x}+{len:#x} of a {disk:#x}-byte disk"
+            ),
         }
     }
 }
@@ -1205,8 +1331,15 @@ enum Features {
 
 #[derive(Debug, Clone)]
 enum MmioOp {
-    Read { off: u64, width: u8 },
-    Write { off: u64, width: u8, val: u64 },
+    Read {
+        off: u64,
+        width: u8,
+    },
+    Write {
+        off: u64,
+        width: u8,
+        val: u64,
+    },
     Notify(u32),
     /// The Linux bring-up sequence (reset first), with possibly bad values.
     BringUp {
@@ -1218,7 +1351,10 @@ enum MmioOp {
     /// The driver posts a chain on queue 0 (with the ring layout of a default bring-up),
     /// and maybe kicks the queue (a 4-byte `QueueNotify` write).
     Post(Vec<(u64, u32, bool)>, bool),
-    Scribble { off: u32, bytes: Vec<u8> },
+    Scribble {
+        off: u32,
+        bytes: Vec<u8>,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -1338,7 +1474,11 @@ fn wr32<D: VirtioDevice>(t: &mut MmioTransport<D, Shared>, off: u64, v: u32) {
 
 /// The queue registers of every queue: `[num, ready, desc lo, hi, driver lo, hi, device lo, hi]`.
 /// Selects each queue in turn, then puts `QueueSel` back to `sel`.
-fn queue_regs<D: VirtioDevice>(t: &mut MmioTransport<D, Shared>, nq: usize, sel: u32) -> Vec<[u32; 8]> {
+fn queue_regs<D: VirtioDevice>(
+    t: &mut MmioTransport<D, Shared>,
+    nq: usize,
+    sel: u32,
+) -> Vec<[u32; 8]> {
     let regs = [
         reg::QUEUE_NUM,
         reg::QUEUE_READY,
@@ -1364,17 +1504,32 @@ fn policy_from_regs(regs: &[[u32; 8]]) -> Policy {
     let queues: Vec<_> = regs
         .iter()
         .filter(|r| r[1] == 1)
-        .map(|r| (addr(r[2], r[3]), addr(r[4], r[5]), addr(r[6], r[7]), r[0] as u16))
+        .map(|r| {
+            (
+                addr(r[2], r[3]),
+                addr(r[4], r[5]),
+                addr(r[6], r[7]),
+                r[0] as u16,
+            )
+        })
         .collect();
     Policy::for_queues(&queues)
 }
 
 /// Run `ops` against a transport around `device`; `check` looks at the device afterwards.
-fn mmio_property<D: VirtioDevice>(device: D, c: &MmioCase, check: impl Fn(&D) -> Result<(), TestCaseError>) -> Result<(), TestCaseError> {
+fn mmio_property<D: VirtioDevice>(
+    device: D,
+    c: &MmioCase,
+    check: impl Fn(&D) -> Result<(), TestCaseError>,
+) -> Result<(), TestCaseError> {
     let mem = Rc::new(Recorder::new(0, M_RAM));
     mem.poke(M_DATA, &ram_fill()[..(M_RAM - M_DATA) as usize]);
     let irqs = Arc::new(AtomicUsize::new(0));
-    let mut t = MmioTransport::new(device, Shared(mem.clone()), Box::new(CountIrq(irqs.clone())));
+    let mut t = MmioTransport::new(
+        device,
+        Shared(mem.clone()),
+        Box::new(CountIrq(irqs.clone())),
+    );
     let isr = t.interrupt_status();
     let device_type = t.device().device_type();
     let maxes: Vec<u16> = t.device().queue_max_sizes().to_vec();
@@ -1391,7 +1546,12 @@ fn mmio_property<D: VirtioDevice>(device: D, c: &MmioCase, check: impl Fn(&D) ->
         let generation = rd32(&t, reg::CONFIG_GENERATION);
         let irqs_before = irqs.load(Ordering::SeqCst);
         mem.take_log();
-        mem.set_policy(regs_before.as_deref().filter(|_| active).map(policy_from_regs));
+        mem.set_policy(
+            regs_before
+                .as_deref()
+                .filter(|_| active)
+                .map(policy_from_regs),
+        );
 
         let mut reset = false;
         let mut bring_up = false;
@@ -1402,7 +1562,13 @@ fn mmio_property<D: VirtioDevice>(device: D, c: &MmioCase, check: impl Fn(&D) ->
                 t.read(*off, &mut b);
                 if *off < reg::CONFIG {
                     if *width != 4 {
-                        prop_assert!(b.iter().all(|&x| x == 0), "{}-byte register read at {:#x} gave {:x?}", width, off, b);
+                        prop_assert!(
+                            b.iter().all(|&x| x == 0),
+                            "{}-byte register read at {:#x} gave {:x?}",
+                            width,
+                            off,
+                            b
+                        );
                     } else {
                         let v = u32::from_le_bytes(b[..4].try_into().unwrap());
                         let want = match *off {
@@ -1438,7 +1604,11 @@ fn mmio_property<D: VirtioDevice>(device: D, c: &MmioCase, check: impl Fn(&D) ->
             }
             MmioOp::Notify(q) => {
                 if active {
-                    hit(if device_type == 4 { "mmio_rng.notify_active" } else { "mmio_block.notify_active" });
+                    hit(if device_type == 4 {
+                        "mmio_rng.notify_active"
+                    } else {
+                        "mmio_block.notify_active"
+                    });
                 }
                 t.notify(*q as usize)
             }
@@ -1481,7 +1651,11 @@ fn mmio_property<D: VirtioDevice>(device: D, c: &MmioCase, check: impl Fn(&D) ->
                     wr32(&mut t, reg::QUEUE_READY, *ready);
                 }
                 sel = nq as u32 - 1;
-                wr32(&mut t, reg::STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
+                wr32(
+                    &mut t,
+                    reg::STATUS,
+                    ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK,
+                );
                 // A fresh driver-side queue 0 over zeroed rings.
                 mem.poke(0, &vec![0; 0x3000]);
                 dq = DriverQueue::new(dq_size, 0);
@@ -1498,40 +1672,85 @@ fn mmio_property<D: VirtioDevice>(device: D, c: &MmioCase, check: impl Fn(&D) ->
 
         let log = mem.take_log();
         if log.iter().any(|a| matches!(a, Access::Write(..))) {
-            hit(if device_type == 4 { "mmio_rng.device_wrote" } else { "mmio_block.device_wrote" });
+            hit(if device_type == 4 {
+                "mmio_rng.device_wrote"
+            } else {
+                "mmio_block.device_wrote"
+            });
         }
         if after_needs_reset(&t, before) {
-            hit(if device_type == 4 { "mmio_rng.needs_reset" } else { "mmio_block.needs_reset" });
+            hit(if device_type == 4 {
+                "mmio_rng.needs_reset"
+            } else {
+                "mmio_block.needs_reset"
+            });
         }
         if bring_up && t.is_active() {
-            hit(if device_type == 4 { "mmio_rng.bring_up_ok" } else { "mmio_block.bring_up_ok" });
+            hit(if device_type == 4 {
+                "mmio_rng.bring_up_ok"
+            } else {
+                "mmio_block.bring_up_ok"
+            });
         }
         if !active {
-            prop_assert!(log.is_empty(), "step {}: guest memory touched while the device is not active ({:?})", step, log.first());
+            prop_assert!(
+                log.is_empty(),
+                "step {}: guest memory touched while the device is not active ({:?})",
+                step,
+                log.first()
+            );
         }
         mem.check_policy(&format!("step {step} ({op:?})"))?;
 
         let after = t.status();
         prop_assert_eq!(rd32(&t, reg::STATUS), after);
-        prop_assert!(after & status::DRIVER_OK == 0 || after & status::FEATURES_OK != 0, "DRIVER_OK without FEATURES_OK: {:#x}", after);
+        prop_assert!(
+            after & status::DRIVER_OK == 0 || after & status::FEATURES_OK != 0,
+            "DRIVER_OK without FEATURES_OK: {:#x}",
+            after
+        );
         if reset {
             prop_assert_eq!(after, 0);
             prop_assert_eq!(isr.load(Ordering::SeqCst), 0);
             for (r, &max) in queue_regs(&mut t, nq, sel).iter().zip(&maxes) {
-                prop_assert_eq!(r, &[u32::from(max), 0, 0, 0, 0, 0, 0, 0], "queue registers after reset");
+                prop_assert_eq!(
+                    r,
+                    &[u32::from(max), 0, 0, 0, 0, 0, 0, 0],
+                    "queue registers after reset"
+                );
             }
         } else if !bring_up {
-            prop_assert_eq!(after & before, before, "status lost bits: {:#x} -> {:#x} on {:?}", before, after, op);
+            prop_assert_eq!(
+                after & before,
+                before,
+                "status lost bits: {:#x} -> {:#x} on {:?}",
+                before,
+                after,
+                op
+            );
             if let Some(regs) = regs_before {
-                prop_assert_eq!(queue_regs(&mut t, nq, sel), regs, "queue registers changed after DRIVER_OK");
+                prop_assert_eq!(
+                    queue_regs(&mut t, nq, sel),
+                    regs,
+                    "queue registers changed after DRIVER_OK"
+                );
             }
         }
-        if after & status::NEEDS_RESET != 0 && before & status::NEEDS_RESET == 0 && !driver_set_needs_reset {
-            prop_assert!(isr.load(Ordering::SeqCst) & INT_CONFIG != 0, "NEEDS_RESET without a config interrupt");
+        if after & status::NEEDS_RESET != 0
+            && before & status::NEEDS_RESET == 0
+            && !driver_set_needs_reset
+        {
+            prop_assert!(
+                isr.load(Ordering::SeqCst) & INT_CONFIG != 0,
+                "NEEDS_RESET without a config interrupt"
+            );
             prop_assert_ne!(rd32(&t, reg::CONFIG_GENERATION), generation);
         }
         if irqs.load(Ordering::SeqCst) != irqs_before {
-            prop_assert!(isr.load(Ordering::SeqCst) != 0, "an interrupt with InterruptStatus 0");
+            prop_assert!(
+                isr.load(Ordering::SeqCst) != 0,
+                "an interrupt with InterruptStatus 0"
+            );
         }
         check(t.device())?;
     }
@@ -1640,7 +1859,11 @@ fn blk_req() -> BoxedStrategy<BlkReq> {
     ];
     (
         (kind, any::<u32>(), sector()),
-        (addr(), prop_oneof![8 => Just(16u32), 1 => 0u32..40], prop_oneof![4 => Just(None), 1 => (0u32..=16, addr()).prop_map(Some)]),
+        (
+            addr(),
+            prop_oneof![8 => Just(16u32), 1 => 0u32..40],
+            prop_oneof![4 => Just(None), 1 => (0u32..=16, addr()).prop_map(Some)],
+        ),
         prop_oneof![1 => Just(None), 1 => (addr(), vec(seg, 0..=18)).prop_map(Some)],
         vec((addr(), data_len, any::<bool>()), 0..=4),
         status,
@@ -1648,51 +1871,63 @@ fn blk_req() -> BoxedStrategy<BlkReq> {
         prop::bool::weighted(0.7),
         prop::bool::weighted(0.4),
     )
-        .prop_map(|((kind, ioprio, mut sector), (mut hdr_addr, mut hdr_len, mut hdr_split), mut discard, mut data, mut status, sorted, natural, clean)| {
-            if clean {
-                // Well-formed but for the type, the sector and the sizes: everything in
-                // RAM, whole sectors (sometimes more than the 64 KiB bounce buffer).
-                let room = |len: u64| B_RAM - B_DATA - len;
-                hdr_addr = B_DATA + hdr_addr % room(16);
-                hdr_len = 16;
-                hdr_split = None;
-                sector %= 210;
-                for d in &mut data {
-                    let sectors = if d.1 % 8 == 0 { d.1 % 145 } else { d.1 % 9 };
-                    d.1 = sectors * SECTOR_SIZE as u32;
-                    d.0 = B_DATA + d.0 % room(u64::from(d.1));
+        .prop_map(
+            |(
+                (kind, ioprio, mut sector),
+                (mut hdr_addr, mut hdr_len, mut hdr_split),
+                mut discard,
+                mut data,
+                mut status,
+                sorted,
+                natural,
+                clean,
+            )| {
+                if clean {
+                    // Well-formed but for the type, the sector and the sizes: everything in
+                    // RAM, whole sectors (sometimes more than the 64 KiB bounce buffer).
+                    let room = |len: u64| B_RAM - B_DATA - len;
+                    hdr_addr = B_DATA + hdr_addr % room(16);
+                    hdr_len = 16;
+                    hdr_split = None;
+                    sector %= 210;
+                    for d in &mut data {
+                        let sectors = if d.1 % 8 == 0 { d.1 % 145 } else { d.1 % 9 };
+                        d.1 = sectors * SECTOR_SIZE as u32;
+                        d.0 = B_DATA + d.0 % room(u64::from(d.1));
+                    }
+                    if kind == req::DISCARD {
+                        data.clear();
+                    }
+                    if let Some((a, segs)) = &mut discard {
+                        segs.truncate(1 + (*a % 4) as usize);
+                        *a = B_DATA + *a % room(16 * segs.len() as u64);
+                        for seg in segs {
+                            seg.0 %= 210;
+                            seg.1 %= 64;
+                        }
+                    }
+                    status = Some((B_DATA + status.map_or(0, |s| s.0) % room(1), 1, true));
                 }
-                if kind == req::DISCARD {
-                    data.clear();
-                }
-                if let Some((a, segs)) = &mut discard {
-                    segs.truncate(1 + (*a % 4) as usize);
-                    *a = B_DATA + *a % room(16 * segs.len() as u64);
-                    for seg in segs {
-                        seg.0 %= 210;
-                        seg.1 %= 64;
+                if natural {
+                    // Data buffers in the direction the request type implies.
+                    for d in &mut data {
+                        d.2 = kind == req::IN || kind == req::GET_ID;
                     }
                 }
-                status = Some((B_DATA + status.map_or(0, |s| s.0) % room(1), 1, true));
-            }
-            if natural {
-                // Data buffers in the direction the request type implies.
-                for d in &mut data {
-                    d.2 = kind == req::IN || kind == req::GET_ID;
+                BlkReq {
+                    kind,
+                    ioprio,
+                    sector,
+                    hdr_addr,
+                    hdr_len,
+                    hdr_split,
+                    discard,
+                    data,
+                    status,
+                    sorted,
                 }
-            }
-            BlkReq {
-            kind,
-            ioprio,
-            sector,
-            hdr_addr,
-            hdr_len,
-            hdr_split,
-            discard,
-            data,
-            status,
-            sorted,
-        }})
+            },
+        )
         .boxed()
 }
 
@@ -1704,13 +1939,15 @@ fn blk_case() -> impl Strategy<Value = BlkCase> {
         any::<bool>(),
         vec(blk_req(), 1..8),
     )
-        .prop_map(|(sectors, read_only, can_discard, event_idx, reqs)| BlkCase {
-            sectors,
-            read_only,
-            can_discard,
-            event_idx,
-            reqs,
-        })
+        .prop_map(
+            |(sectors, read_only, can_discard, event_idx, reqs)| BlkCase {
+                sectors,
+                read_only,
+                can_discard,
+                event_idx,
+                reqs,
+            },
+        )
 }
 
 /// Write the request's header (and discard segments) into guest RAM; return its chain.
@@ -1765,7 +2002,13 @@ struct BlkExpect {
     flush: bool,
 }
 
-fn model_blk(mem: &Recorder, descs: &[Descriptor], disk: &[u8], read_only: bool, discard: bool) -> BlkExpect {
+fn model_blk(
+    mem: &Recorder,
+    descs: &[Descriptor],
+    disk: &[u8],
+    read_only: bool,
+    discard: bool,
+) -> BlkExpect {
     const OK: u8 = blk::status::OK;
     const IOERR: u8 = blk::status::IOERR;
     const UNSUPP: u8 = blk::status::UNSUPP;
@@ -1915,8 +2158,12 @@ impl BlkRig {
         self.dq.configure(&mut self.queues[0]);
         self.queues[0].set_event_idx(self.event_idx);
         self.queues[0].validate(&self.mem).unwrap();
-        self.mem
-            .set_policy(Some(Policy::for_queues(&[(self.dq.desc, self.dq.avail, self.dq.used, B_QSIZE)])));
+        self.mem.set_policy(Some(Policy::for_queues(&[(
+            self.dq.desc,
+            self.dq.avail,
+            self.dq.used,
+            B_QSIZE,
+        )])));
     }
 
     fn used_ring(&self) -> (u64, u64) {
@@ -1926,7 +2173,14 @@ impl BlkRig {
 
 /// One request through the device; `strict` also demands that the disk only changes
 /// for requests that complete with status OK.
-fn blk_request(rig: &mut BlkRig, dev: &mut Block<MemDisk>, disk: &MemDisk, c: &BlkCase, r: &BlkReq, strict: bool) -> Result<(), TestCaseError> {
+fn blk_request(
+    rig: &mut BlkRig,
+    dev: &mut Block<MemDisk>,
+    disk: &MemDisk,
+    c: &BlkCase,
+    r: &BlkReq,
+    strict: bool,
+) -> Result<(), TestCaseError> {
     let bufs = place_request(&rig.mem, r);
     let descs = as_descs(&bufs);
     let before = disk.snapshot();
@@ -1965,15 +2219,33 @@ fn blk_request(rig: &mut BlkRig, dev: &mut Block<MemDisk>, disk: &MemDisk, c: &B
         Some(blk::status::IOERR) => "blk_requests.ioerr",
         Some(_) => "blk_requests.unsupp",
     });
-    if r.kind == req::OUT && want.status.is_some_and(|s| s.1 == blk::status::OK) && after.len() > 0 && want.data.is_empty() {
+    if r.kind == req::OUT
+        && want.status.is_some_and(|s| s.1 == blk::status::OK)
+        && after.len() > 0
+        && want.data.is_empty()
+    {
         let (rd, _) = split_chain(&descs);
         if total_len(&rd) - 16 > BOUNCE {
             hit("blk_requests.ok_out_multichunk");
         }
     }
-    let writable: u64 = descs.iter().filter(|d| d.writable).map(|d| u64::from(d.len)).sum();
-    prop_assert!(u64::from(used_len) <= writable, "used length {} > writable bytes {}", used_len, writable);
-    prop_assert_eq!(used_len, want.used, "used length (expected {:?})", want.status);
+    let writable: u64 = descs
+        .iter()
+        .filter(|d| d.writable)
+        .map(|d| u64::from(d.len))
+        .sum();
+    prop_assert!(
+        u64::from(used_len) <= writable,
+        "used length {} > writable bytes {}",
+        used_len,
+        writable
+    );
+    prop_assert_eq!(
+        used_len,
+        want.used,
+        "used length (expected {:?})",
+        want.status
+    );
 
     // The device's own writes, outside the used ring: data, then the status byte last.
     let ring = [rig.used_ring()];
@@ -1982,7 +2254,11 @@ fn blk_request(rig: &mut BlkRig, dev: &mut Block<MemDisk>, disk: &MemDisk, c: &B
         .filter(|(a, d)| !within(&ring, *a, d.len() as u64))
         .collect();
     match want.status {
-        None if !want.executed => prop_assert!(dev_writes.is_empty(), "wrote {} buffers of a chain without a status byte", dev_writes.len()),
+        None if !want.executed => prop_assert!(
+            dev_writes.is_empty(),
+            "wrote {} buffers of a chain without a status byte",
+            dev_writes.len()
+        ),
         // Executed, but the status byte is outside RAM: data may have been written.
         None => {}
         Some((addr, st)) => {
@@ -1994,10 +2270,18 @@ fn blk_request(rig: &mut BlkRig, dev: &mut Block<MemDisk>, disk: &MemDisk, c: &B
             }
         }
     }
-    prop_assert_eq!(disk.flushes.load(Ordering::SeqCst) - flushes, usize::from(want.flush));
+    prop_assert_eq!(
+        disk.flushes.load(Ordering::SeqCst) - flushes,
+        usize::from(want.flush)
+    );
     if after != want.disk {
-        let i = (0..after.len()).find(|&i| after[i] != want.disk[i]).unwrap();
-        return Err(fail(format!("disk byte {i:#x} is {:#x}, expected {:#x}", after[i], want.disk[i])));
+        let i = (0..after.len())
+            .find(|&i| after[i] != want.disk[i])
+            .unwrap();
+        return Err(fail(format!(
+            "disk byte {i:#x} is {:#x}, expected {:#x}",
+            after[i], want.disk[i]
+        )));
     }
 
     // The brief's invariants, independent of the model.
@@ -2007,18 +2291,29 @@ fn blk_request(rig: &mut BlkRig, dev: &mut Block<MemDisk>, disk: &MemDisk, c: &B
     if after != before {
         let first = (0..after.len()).find(|&i| after[i] != before[i]).unwrap() as u64;
         let last = (0..after.len()).rfind(|&i| after[i] != before[i]).unwrap() as u64;
-        prop_assert!(r.kind == req::OUT || r.kind == req::DISCARD, "a type {} request changed the disk", r.kind);
+        prop_assert!(
+            r.kind == req::OUT || r.kind == req::DISCARD,
+            "a type {} request changed the disk",
+            r.kind
+        );
         if r.kind == req::OUT {
             let (rd, _) = split_chain(&descs);
             let start = r.sector.saturating_mul(SECTOR_SIZE);
             let end = start.saturating_add(total_len(&rd) - 16);
-            prop_assert!(end <= after.len() as u64 && start <= first && last < end, "an OUT changed bytes outside its range");
+            prop_assert!(
+                end <= after.len() as u64 && start <= first && last < end,
+                "an OUT changed bytes outside its range"
+            );
         }
         if want.status.map(|s| s.1) != Some(blk::status::OK) {
             hit("blk_requests.changed_without_ok");
         }
         if strict {
-            prop_assert_eq!(want.status.map(|s| s.1), Some(blk::status::OK), "the disk changed but the request did not complete OK");
+            prop_assert_eq!(
+                want.status.map(|s| s.1),
+                Some(blk::status::OK),
+                "the disk changed but the request did not complete OK"
+            );
         }
     }
     Ok(())
@@ -2045,7 +2340,9 @@ fn blk_requests() {
 #[test]
 #[ignore = "fails: blk.rs writes to the disk before it knows the request will complete OK"]
 fn blk_disk_changes_only_when_ok() {
-    run_property("blk_disk_changes_only_when_ok", 1000, blk_case(), |c| blk_property(c, true));
+    run_property("blk_disk_changes_only_when_ok", 1000, blk_case(), |c| {
+        blk_property(c, true)
+    });
 }
 
 // ---------------------------------------------------------------------------------------
@@ -2055,7 +2352,11 @@ fn blk_disk_changes_only_when_ok() {
 /// One chain through a fresh virtio-blk device over a `sectors`-sector disk (pattern
 /// bytes; guest RAM filled with other pattern bytes). `setup` writes the request.
 /// Returns (status byte if its address is in RAM, used length, disk before, disk after).
-fn blk_submit(sectors: u64, bufs: &[(u64, u32, bool)], setup: impl FnOnce(&Recorder)) -> (Option<u8>, u32, Vec<u8>, Vec<u8>) {
+fn blk_submit(
+    sectors: u64,
+    bufs: &[(u64, u32, bool)],
+    setup: impl FnOnce(&Recorder),
+) -> (Option<u8>, u32, Vec<u8>, Vec<u8>) {
     let disk = MemDisk::new(sectors, true);
     let before = disk.snapshot();
     let mut dev = Block::new(disk.clone(), false, ID);
@@ -2088,13 +2389,17 @@ fn blk_discard_with_a_bad_second_segment_changes_nothing() {
     const HDR: u64 = 0x4000;
     const SEGS: u64 = 0x5000;
     const STATUS: u64 = 0x6000;
-    let (status, _, before, after) = blk_submit(8, &[(HDR, 16, false), (SEGS, 32, false), (STATUS, 1, true)], |mem| {
-        blk_header(mem, HDR, req::DISCARD, 0);
-        let mut segs = [0u8; 32];
-        segs[8..12].copy_from_slice(&1u32.to_le_bytes()); // sector 0, 1 sector, flags 0
-        segs[28..32].copy_from_slice(&1u32.to_le_bytes()); // sector 0, 0 sectors, flags 1 (UNMAP)
-        mem.poke(SEGS, &segs);
-    });
+    let (status, _, before, after) = blk_submit(
+        8,
+        &[(HDR, 16, false), (SEGS, 32, false), (STATUS, 1, true)],
+        |mem| {
+            blk_header(mem, HDR, req::DISCARD, 0);
+            let mut segs = [0u8; 32];
+            segs[8..12].copy_from_slice(&1u32.to_le_bytes()); // sector 0, 1 sector, flags 0
+            segs[28..32].copy_from_slice(&1u32.to_le_bytes()); // sector 0, 0 sectors, flags 1 (UNMAP)
+            mem.poke(SEGS, &segs);
+        },
+    );
     assert_eq!(status, Some(blk::status::UNSUPP));
     assert!(after == before, "an UNSUPP discard zeroed sector 0");
 }
@@ -2107,10 +2412,19 @@ fn blk_discard_with_a_bad_second_segment_changes_nothing() {
 fn blk_out_with_an_unreadable_tail_changes_nothing() {
     const HDR: u64 = 0x4000;
     const STATUS: u64 = 0x6000;
-    let bufs = [(HDR, 16, false), (0x1_0000, 0x1_0000, false), (1 << 40, 512, false), (STATUS, 1, true)];
-    let (status, _, before, after) = blk_submit(256, &bufs, |mem| blk_header(mem, HDR, req::OUT, 0));
+    let bufs = [
+        (HDR, 16, false),
+        (0x1_0000, 0x1_0000, false),
+        (1 << 40, 512, false),
+        (STATUS, 1, true),
+    ];
+    let (status, _, before, after) =
+        blk_submit(256, &bufs, |mem| blk_header(mem, HDR, req::OUT, 0));
     assert_eq!(status, Some(blk::status::IOERR));
-    assert!(after == before, "an IOERR write changed the first 64 KiB of the disk");
+    assert!(
+        after == before,
+        "an IOERR write changed the first 64 KiB of the disk"
+    );
 }
 
 /// An OUT whose status byte lies outside guest RAM is executed (the disk changes) and
@@ -2122,9 +2436,13 @@ fn blk_out_with_an_unreadable_tail_changes_nothing() {
 fn blk_out_with_an_unreachable_status_byte_changes_nothing() {
     const HDR: u64 = 0x4000;
     let bufs = [(HDR, 16, false), (0x1_0000, 512, false), (1 << 40, 1, true)];
-    let (status, used, before, after) = blk_submit(8, &bufs, |mem| blk_header(mem, HDR, req::OUT, 0));
+    let (status, used, before, after) =
+        blk_submit(8, &bufs, |mem| blk_header(mem, HDR, req::OUT, 0));
     assert_eq!((status, used), (None, 0));
-    assert!(after == before, "a request with no status byte changed the disk");
+    assert!(
+        after == before,
+        "a request with no status byte changed the disk"
+    );
 }
 
 /// Guest RAM of `SPARSE_RAM` bytes of which only the first `SPARSE_LOW` are stored:
@@ -2142,17 +2460,26 @@ impl GuestMemory for SparseMem {
             return Ok(());
         }
         if !self.check_range(addr, buf.len() as u64) {
-            return Err(MemError { addr, len: buf.len() as u64 });
+            return Err(MemError {
+                addr,
+                len: buf.len() as u64,
+            });
         }
         buf.fill(0);
         Ok(())
     }
     fn write(&self, addr: u64, buf: &[u8]) -> Result<(), MemError> {
-        if addr.checked_add(buf.len() as u64).is_some_and(|e| e <= SPARSE_LOW) {
+        if addr
+            .checked_add(buf.len() as u64)
+            .is_some_and(|e| e <= SPARSE_LOW)
+        {
             return self.low.write(addr, buf);
         }
         if !self.check_range(addr, buf.len() as u64) {
-            return Err(MemError { addr, len: buf.len() as u64 });
+            return Err(MemError {
+                addr,
+                len: buf.len() as u64,
+            });
         }
         Ok(())
     }
@@ -2200,14 +2527,26 @@ fn blk_4gib_read_reports_a_truncated_used_length() {
     let mut h = [0u8; 16];
     h[0..4].copy_from_slice(&req::IN.to_le_bytes());
     mem.write(0x4000, &h).unwrap();
-    dq.add(&mem, &[(0x4000, 16, false), (1 << 30, 1 << 31, true), (3 << 30, 1 << 31, true), (0x5000, 1, true)]);
+    dq.add(
+        &mem,
+        &[
+            (0x4000, 16, false),
+            (1 << 30, 1 << 31, true),
+            (3 << 30, 1 << 31, true),
+            (0x5000, 1, true),
+        ],
+    );
     dev.queue_notify(0, &mut queues, &mem).unwrap();
     let mut st = [0xff];
     mem.read(0x5000, &mut st).unwrap();
     assert_eq!(st[0], blk::status::OK);
     let used = dq.used(&mem);
     // 2^32 + 1 bytes were written; the most a u32 can say is u32::MAX, not 1.
-    assert!(used[0].1 > 1, "used length {} for 4 GiB + 1 bytes written", used[0].1);
+    assert!(
+        used[0].1 > 1,
+        "used length {} for 4 GiB + 1 bytes written",
+        used[0].1
+    );
 }
 
 // =======================================================================================
@@ -2228,7 +2567,11 @@ struct FakeNet {
 
 impl NetBackend for FakeNet {
     fn send(&mut self, frame: &[u8]) -> Result<(), NetError> {
-        assert!(frame.len() >= net::HDR_LEN && frame.len() <= net::MAX_FRAME, "sent a {}-byte frame", frame.len());
+        assert!(
+            frame.len() >= net::HDR_LEN && frame.len() <= net::MAX_FRAME,
+            "sent a {}-byte frame",
+            frame.len()
+        );
         self.sent.push(frame.to_vec());
         if self.fail_send {
             Err(NetError::Io(5))
@@ -2264,7 +2607,10 @@ struct StreamChain {
 
 impl StreamChain {
     fn place(&self, mem: &Recorder) -> Vec<(u64, u32, bool)> {
-        mem.poke(self.addr, &self.hdr[..self.hdr.len().min(self.len as usize)]);
+        mem.poke(
+            self.addr,
+            &self.hdr[..self.hdr.len().min(self.len as usize)],
+        );
         let mut cuts: Vec<u32> = self.cuts.iter().map(|&c| c % (self.len + 1)).collect();
         cuts.push(0);
         cuts.push(self.len);
@@ -2285,7 +2631,12 @@ impl StreamChain {
     }
 }
 
-fn stream_chain(ram: u64, data: u64, lens: BoxedStrategy<u32>, hdr: BoxedStrategy<Vec<u8>>) -> BoxedStrategy<StreamChain> {
+fn stream_chain(
+    ram: u64,
+    data: u64,
+    lens: BoxedStrategy<u32>,
+    hdr: BoxedStrategy<Vec<u8>>,
+) -> BoxedStrategy<StreamChain> {
     (
         data..ram,
         lens,
@@ -2323,11 +2674,12 @@ struct NetCase {
 fn net_hdr() -> BoxedStrategy<Vec<u8>> {
     let flags = prop_oneof![3 => Just(0u8), 2 => Just(1u8), 1 => any::<u8>()];
     let gso = prop_oneof![3 => Just(0u8), 1 => prop::sample::select(vec![1u8, 3, 4, 5, 0x80, 0x81, 0x84]), 1 => any::<u8>()];
-    (flags, gso, vec(any::<u8>(), 10)).prop_map(|(f, g, mut rest)| {
-        rest.splice(0..0, [f, g]);
-        rest
-    })
-    .boxed()
+    (flags, gso, vec(any::<u8>(), 10))
+        .prop_map(|(f, g, mut rest)| {
+            rest.splice(0..0, [f, g]);
+            rest
+        })
+        .boxed()
 }
 
 fn net_case() -> impl Strategy<Value = NetCase> {
@@ -2344,11 +2696,21 @@ fn net_case() -> impl Strategy<Value = NetCase> {
         prop_oneof![1 => Just(u64::MAX), 1 => Just(0u64), 2 => any::<u64>()],
         prop::bool::weighted(0.2),
         vec(stream_chain(N_RAM, N_DATA, lens, net_hdr()), 0..12),
-        vec(chain_bufs(N_RAM, N_DATA, 4).prop_map(|mut b| {
-            b.sort_by_key(|x| x.2);
-            b
-        }), 0..12),
-        vec((frame_len, prop_oneof![Just(0u8), Just(1u8), any::<u8>()], gso), 0..12),
+        vec(
+            chain_bufs(N_RAM, N_DATA, 4).prop_map(|mut b| {
+                b.sort_by_key(|x| x.2);
+                b
+            }),
+            0..12,
+        ),
+        vec(
+            (
+                frame_len,
+                prop_oneof![Just(0u8), Just(1u8), any::<u8>()],
+                gso,
+            ),
+            0..12,
+        ),
     )
         .prop_map(|(features, fail_send, tx, rx, frames)| NetCase {
             features,
@@ -2424,8 +2786,9 @@ fn net_property(c: NetCase) -> Result<(), TestCaseError> {
         } else {
             let total = total_len(&descs);
             if (net::HDR_LEN as u64..=net::MAX_FRAME as u64).contains(&total) {
-                stream_read(&mem, &descs, 0, total)
-                    .filter(|f| net_offloads_ok(f, features, [CSUM, HOST_TSO4, HOST_TSO6, HOST_ECN]))
+                stream_read(&mem, &descs, 0, total).filter(|f| {
+                    net_offloads_ok(f, features, [CSUM, HOST_TSO4, HOST_TSO6, HOST_ECN])
+                })
             } else {
                 None
             }
@@ -2437,7 +2800,12 @@ fn net_property(c: NetCase) -> Result<(), TestCaseError> {
         let log = mem.take_log();
         mem.check_policy("net tx")?;
         for (a, d) in writes_of(&log) {
-            prop_assert!(within(&tx_used, a, d.len() as u64), "transmit wrote {:#x}+{:#x}", a, d.len());
+            prop_assert!(
+                within(&tx_used, a, d.len() as u64),
+                "transmit wrote {:#x}+{:#x}",
+                a,
+                d.len()
+            );
         }
         if !ordered(&bufs) {
             prop_assert!(r.is_err());
@@ -2447,9 +2815,16 @@ fn net_property(c: NetCase) -> Result<(), TestCaseError> {
         prop_assert!(r.is_ok(), "{:?}", r);
         prop_assert_eq!(txq.used(&mem.inner), vec![(u32::from(head), 0)]);
         let sent = &dev.backend().sent[sent_before..];
-        hit(if want.is_some() { "net_tx_rx.tx_sent" } else { "net_tx_rx.tx_dropped" });
+        hit(if want.is_some() {
+            "net_tx_rx.tx_sent"
+        } else {
+            "net_tx_rx.tx_dropped"
+        });
         match want {
-            None => prop_assert!(sent.is_empty(), "sent a frame the device should have dropped"),
+            None => prop_assert!(
+                sent.is_empty(),
+                "sent a frame the device should have dropped"
+            ),
             Some(f) => {
                 prop_assert_eq!(sent.len(), 1, "the frame was not sent");
                 same_bytes("sent frame", &sent[0], &f)?;
@@ -2460,7 +2835,12 @@ fn net_property(c: NetCase) -> Result<(), TestCaseError> {
     // Receive: random frames into random chains.
     let mut caps = Vec::new();
     for bufs in c.rx.iter().take(usize::from(N_QSIZE) / 4) {
-        caps.push(bufs.iter().filter(|b| b.2).map(|b| u64::from(b.1)).sum::<u64>());
+        caps.push(
+            bufs.iter()
+                .filter(|b| b.2)
+                .map(|b| u64::from(b.1))
+                .sum::<u64>(),
+        );
         rxq.add(&mem.inner, bufs);
     }
     mem.take_log();
@@ -2469,7 +2849,11 @@ fn net_property(c: NetCase) -> Result<(), TestCaseError> {
     mem.check_policy("net rx")?;
     prop_assert!(r1.is_ok() && r2.is_ok(), "{:?} {:?}", r1, r2);
     for ((_, len), cap) in rxq.used(&mem.inner).into_iter().zip(caps) {
-        hit(if len > 0 { "net_tx_rx.rx_delivered" } else { "net_tx_rx.rx_empty" });
+        hit(if len > 0 {
+            "net_tx_rx.rx_delivered"
+        } else {
+            "net_tx_rx.rx_empty"
+        });
         prop_assert!(u64::from(len) <= cap, "used length {} > room {}", len, cap);
     }
     Ok(())
@@ -2569,10 +2953,13 @@ fn vsock_case() -> impl Strategy<Value = VsockCase> {
     .boxed();
     (
         vec(stream_chain(V_RAM, V_DATA, lens, vsock_hdr()), 0..12),
-        vec(chain_bufs(V_RAM, V_DATA, 4).prop_map(|mut b| {
-            b.sort_by_key(|x| x.2);
-            b
-        }), 0..12),
+        vec(
+            chain_bufs(V_RAM, V_DATA, 4).prop_map(|mut b| {
+                b.sort_by_key(|x| x.2);
+                b
+            }),
+            0..12,
+        ),
         vec((0u16..8, prop_oneof![0usize..200, 0usize..0x1_1000]), 0..6),
         prop::bool::weighted(0.2),
         any::<bool>(),
@@ -2619,7 +3006,11 @@ fn vsock_property(c: VsockCase) -> Result<(), TestCaseError> {
     let mut rxq = DriverQueue::new(V_QSIZE, 0);
     let mut txq = DriverQueue::new(V_QSIZE, 0x4000);
     let evq = DriverQueue::new(V_QSIZE, 0x8000);
-    let mut queues = [Queue::new(vsock::QUEUE_SIZE), Queue::new(vsock::QUEUE_SIZE), Queue::new(vsock::QUEUE_SIZE)];
+    let mut queues = [
+        Queue::new(vsock::QUEUE_SIZE),
+        Queue::new(vsock::QUEUE_SIZE),
+        Queue::new(vsock::QUEUE_SIZE),
+    ];
     rxq.configure(&mut queues[0]);
     txq.configure(&mut queues[1]);
     evq.configure(&mut queues[2]);
@@ -2649,7 +3040,12 @@ fn vsock_property(c: VsockCase) -> Result<(), TestCaseError> {
     let mut caps = Vec::new();
     let post_rx = |rxq: &mut DriverQueue, caps: &mut Vec<u64>| {
         for bufs in c.rx.iter().take(usize::from(V_QSIZE) / 4) {
-            caps.push(bufs.iter().filter(|b| b.2).map(|b| u64::from(b.1)).sum::<u64>());
+            caps.push(
+                bufs.iter()
+                    .filter(|b| b.2)
+                    .map(|b| u64::from(b.1))
+                    .sum::<u64>(),
+            );
             rxq.add(&mem.inner, bufs);
         }
     };
@@ -2677,7 +3073,11 @@ fn vsock_property(c: VsockCase) -> Result<(), TestCaseError> {
             Some(_) => "vsock_tx_rx.tx_sent",
         });
         match want {
-            None => prop_assert!(sent.is_empty(), "passed on a packet that should have been dropped: {:?}", sent[0].0),
+            None => prop_assert!(
+                sent.is_empty(),
+                "passed on a packet that should have been dropped: {:?}",
+                sent[0].0
+            ),
             Some((h, p)) => {
                 prop_assert_eq!(sent.len(), 1, "nothing reached the backend");
                 prop_assert_eq!(sent[0].0, h);
@@ -2693,9 +3093,17 @@ fn vsock_property(c: VsockCase) -> Result<(), TestCaseError> {
     mem.check_policy("vsock rx")?;
     prop_assert!(r1.is_ok() && r2.is_ok(), "{:?} {:?}", r1, r2);
     for ((_, len), cap) in rxq.used(&mem.inner).into_iter().zip(caps) {
-        hit(if len > 0 { "vsock_tx_rx.rx_delivered" } else { "vsock_tx_rx.rx_empty" });
+        hit(if len > 0 {
+            "vsock_tx_rx.rx_delivered"
+        } else {
+            "vsock_tx_rx.rx_empty"
+        });
         prop_assert!(u64::from(len) <= cap, "used length {} > room {}", len, cap);
-        prop_assert!(len == 0 || len as usize >= vsock::HDR_LEN, "a {}-byte packet", len);
+        prop_assert!(
+            len == 0 || len as usize >= vsock::HDR_LEN,
+            "a {}-byte packet",
+            len
+        );
     }
     Ok(())
 }

@@ -142,7 +142,10 @@ fn isolated(unshare: &str, script: &str) -> Run {
         .args([unshare, "sh", "-c", script])
         .env("VMM", &vmm)
         .env("KERNEL", &kernel)
-        .env("AS_NOBODY", "setpriv --reuid=65534 --regid=65534 --clear-groups")
+        .env(
+            "AS_NOBODY",
+            "setpriv --reuid=65534 --regid=65534 --clear-groups",
+        )
         .output()
         .expect("run unshare");
     fs::remove_dir_all(&dir).unwrap();
@@ -182,7 +185,11 @@ fn dev_kvm_not_accessible_says_how_to_fix_it() {
 fn disk_image_missing_or_not_a_file() {
     let kernel = image("minimal/bzImage");
     let run = run_vmm_here(&["--kernel", &kernel, "--disk", "/nonexistent/disk.img"]);
-    fails_with(&run, 1, "--disk /nonexistent/disk.img: No such file or directory");
+    fails_with(
+        &run,
+        1,
+        "--disk /nonexistent/disk.img: No such file or directory",
+    );
     let run = run_vmm_here(&["--kernel", &kernel, "--disk", "/"]);
     fails_with(&run, 1, "--disk /:");
     let run = run_vmm_here(&["--kernel", &kernel, "--disk", "/dev/null,readonly=on"]);
@@ -208,12 +215,18 @@ fn disk_image_the_user_may_not_write() {
 #[test]
 fn tap_that_does_not_exist() {
     // In a network namespace of its own, so nothing on this machine is touched.
-    let run = isolated("-n", "exec \"$VMM\" --kernel \"$KERNEL\" --net tap=vmmnosuch0");
+    let run = isolated(
+        "-n",
+        "exec \"$VMM\" --kernel \"$KERNEL\" --net tap=vmmnosuch0",
+    );
     fails_with(&run, 1, "--net tap=vmmnosuch0: ");
     run.expect("ip tuntap add");
     let run = isolated("-n", "exec \"$VMM\" --kernel \"$KERNEL\" --net tap=lo");
     fails_with(&run, 1, "--net tap=lo: ");
-    let run = isolated("-n", "exec \"$VMM\" --kernel \"$KERNEL\" --net tap=a-name-longer-than-15");
+    let run = isolated(
+        "-n",
+        "exec \"$VMM\" --kernel \"$KERNEL\" --net tap=a-name-longer-than-15",
+    );
     fails_with(&run, 1, "--net tap=a-name-longer-than-15: ");
 }
 
@@ -224,7 +237,11 @@ fn tap_the_user_may_not_open() {
         "ip tuntap add vmmtap0 mode tap && exec $AS_NOBODY \"$VMM\" --kernel \"$KERNEL\" --net tap=vmmtap0",
     );
     fails_with(&run, 1, "--net tap=vmmtap0: ");
-    assert!(run.output.to_lowercase().contains("permission"), "{}", run.output);
+    assert!(
+        run.output.to_lowercase().contains("permission"),
+        "{}",
+        run.output
+    );
 }
 
 #[test]
@@ -236,7 +253,12 @@ fn vsock_socket_path_in_use_or_unusable() {
     let run = run_vmm_here(&["--kernel", &kernel, "--vsock", &spec]);
     fails_with(&run, 1, &format!("--vsock socket={}", sock.display()));
     assert!(sock.exists(), "someone else's file is left alone");
-    let run = run_vmm_here(&["--kernel", &kernel, "--vsock", "cid=3,socket=/nonexistent/dir/v.sock"]);
+    let run = run_vmm_here(&[
+        "--kernel",
+        &kernel,
+        "--vsock",
+        "cid=3,socket=/nonexistent/dir/v.sock",
+    ]);
     fails_with(&run, 1, "--vsock socket=/nonexistent/dir/v.sock");
 }
 

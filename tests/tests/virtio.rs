@@ -47,9 +47,17 @@ fn pattern(len: usize, seed: u64) -> Vec<u8> {
 fn sha256(bytes: &[u8]) -> String {
     let dir = std::env::temp_dir().join(format!("vmm-sha-{}", std::process::id()));
     fs::write(&dir, bytes).unwrap();
-    let out = Command::new("sha256sum").arg(&dir).output().expect("run sha256sum");
+    let out = Command::new("sha256sum")
+        .arg(&dir)
+        .output()
+        .expect("run sha256sum");
     let _ = fs::remove_file(&dir);
-    String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_string()
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
 }
 
 /// The value printed by a `KEY=value ...` line (first word after `=`).
@@ -64,8 +72,16 @@ fn value<'a>(run: &'a Run, key: &str) -> &'a str {
 }
 
 fn assert_clean(run: &Run) {
-    assert!(!run.output.contains("panicked at"), "the vmm panicked:\n{}", run.output);
-    assert!(!run.output.contains("vmm: error"), "vmm error:\n{}", run.output);
+    assert!(
+        !run.output.contains("panicked at"),
+        "the vmm panicked:\n{}",
+        run.output
+    );
+    assert!(
+        !run.output.contains("vmm: error"),
+        "vmm error:\n{}",
+        run.output
+    );
 }
 
 #[test]
@@ -104,12 +120,23 @@ fn disks_read_write_flush_readonly_and_rng() {
     run.expect("DONE=1").expect_status(0);
 
     assert_eq!(value(&run, "SERIAL"), "wdisk", "GET_ID");
-    assert_eq!(value(&run, "CAP"), (16 * MIB / 512).to_string(), "capacity in sectors");
+    assert_eq!(
+        value(&run, "CAP"),
+        (16 * MIB / 512).to_string(),
+        "capacity in sectors"
+    );
     // Guest → file.
     assert_eq!(value(&run, "WRITE"), "ok");
     let written = fs::read(dir.join("w.img")).unwrap();
-    assert_eq!(sha256(&written[..8 * MIB]), value(&run, "W"), "the file holds what the guest wrote");
-    assert!(written[8 * MIB..].iter().all(|&b| b == 0), "nothing beyond it changed");
+    assert_eq!(
+        sha256(&written[..8 * MIB]),
+        value(&run, "W"),
+        "the file holds what the guest wrote"
+    );
+    assert!(
+        written[8 * MIB..].iter().all(|&b| b == 0),
+        "nothing beyond it changed"
+    );
     // File → guest, with O_DIRECT and through the page cache.
     let want = sha256(&host_data);
     assert_eq!(value(&run, "R"), want, "O_DIRECT read");
@@ -118,9 +145,17 @@ fn disks_read_write_flush_readonly_and_rng() {
     // lifts its own read-only flag.
     assert_eq!(value(&run, "RO1"), "refused");
     assert_eq!(value(&run, "RO2"), "refused");
-    assert_eq!(fs::read(dir.join("ro.img")).unwrap(), ro_before, "read-only image unchanged");
+    assert_eq!(
+        fs::read(dir.join("ro.img")).unwrap(),
+        ro_before,
+        "read-only image unchanged"
+    );
     // Entropy.
-    assert!(value(&run, "RNG").starts_with("virtio_rng"), "{}", run.output);
+    assert!(
+        value(&run, "RNG").starts_with("virtio_rng"),
+        "{}",
+        run.output
+    );
     assert_eq!(value(&run, "RNGBYTES"), "256");
     let _ = fs::remove_dir_all(&dir);
 }
@@ -163,11 +198,28 @@ fn network_through_a_tap_in_a_private_namespace() {
     let run = run_guest(&cmd, TIMEOUT);
     assert_clean(&run);
     run.expect_status(0);
-    assert!(!run.output.contains("TAP-IN-ROOT-NS"), "the tap is only in the namespace");
-    assert_eq!(value(&run, "MAC"), "02:00:00:00:00:2a", "MAC from config space");
+    assert!(
+        !run.output.contains("TAP-IN-ROOT-NS"),
+        "the tap is only in the namespace"
+    );
+    assert_eq!(
+        value(&run, "MAC"),
+        "02:00:00:00:00:2a",
+        "MAC from config space"
+    );
     assert_eq!(value(&run, "PING"), "ok");
-    assert_eq!(value(&run, "HRECV"), value(&run, "GSENT"), "guest → host stream intact:\n{}", run.output);
-    assert_eq!(value(&run, "GRECV"), value(&run, "HSENT"), "host → guest stream intact:\n{}", run.output);
+    assert_eq!(
+        value(&run, "HRECV"),
+        value(&run, "GSENT"),
+        "guest → host stream intact:\n{}",
+        run.output
+    );
+    assert_eq!(
+        value(&run, "GRECV"),
+        value(&run, "HSENT"),
+        "host → guest stream intact:\n{}",
+        run.output
+    );
     let _ = fs::remove_dir_all(&dir);
 }
 
@@ -201,7 +253,10 @@ fn vsock_connects_both_ways_through_the_unix_socket() {
     assert_eq!(value(&run, "GLISTEN"), "ok", "host-initiated connection");
     assert_eq!(value(&run, "GGOT"), "host-to-guest");
     assert_eq!(value(&run, "ANSWER"), "guest-reply");
-    assert!(!run.output.contains("SOCKET-LEFT-BEHIND"), "the vmm removes its socket");
+    assert!(
+        !run.output.contains("SOCKET-LEFT-BEHIND"),
+        "the vmm removes its socket"
+    );
     let _ = fs::remove_dir_all(&dir);
 }
 
@@ -228,7 +283,11 @@ fn stock_cloud_kernel_finds_every_device_through_acpi() {
     assert_clean(&run);
     run.expect_status(0);
     assert_eq!(value(&run, "R"), sha256(&data));
-    assert!(value(&run, "RNG").starts_with("virtio_rng"), "{}", run.output);
+    assert!(
+        value(&run, "RNG").starts_with("virtio_rng"),
+        "{}",
+        run.output
+    );
     assert_eq!(value(&run, "NET"), "52:54:00:12:34:56");
     assert_eq!(value(&run, "VSOCK"), "/dev/vsock");
     assert_eq!(value(&run, "NDEV"), "4", "blk, net, vsock, rng");
@@ -253,6 +312,10 @@ fn a_kernel_without_acpi_finds_the_devices_on_its_command_line() {
     run.expect_status(7);
     assert_eq!(value(&run, "CMDLINE"), "1", "{}", run.output);
     assert_eq!(value(&run, "R"), sha256(&data));
-    assert!(value(&run, "RNG").starts_with("virtio_rng"), "{}", run.output);
+    assert!(
+        value(&run, "RNG").starts_with("virtio_rng"),
+        "{}",
+        run.output
+    );
     let _ = fs::remove_dir_all(&dir);
 }

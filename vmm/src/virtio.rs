@@ -174,7 +174,9 @@ impl FromStr for VsockSpec {
     fn from_str(s: &str) -> Result<Self, String> {
         let (bare, kv) = options(s)?;
         if let Some(b) = bare {
-            return Err(format!("'{b}' is not KEY=VALUE (--vsock cid=N,socket=PATH)"));
+            return Err(format!(
+                "'{b}' is not KEY=VALUE (--vsock cid=N,socket=PATH)"
+            ));
         }
         let (mut cid, mut socket) = (None, None);
         for (k, v) in kv {
@@ -255,7 +257,9 @@ fn build<D: VirtioDevice + HostFds + 'static>(device: D) -> Build {
 
 impl fmt::Debug for Prepared {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.debug_list().entries(self.devices.iter().map(|(n, _)| n)).finish()
+        f.debug_list()
+            .entries(self.devices.iter().map(|(n, _)| n))
+            .finish()
     }
 }
 
@@ -265,16 +269,22 @@ pub fn prepare(cfg: &DeviceConfig) -> Result<Prepared, VmmError> {
     for (i, d) in cfg.disks.iter().enumerate() {
         let disk = FileDisk::open(&d.path, d.read_only).map_err(|e| {
             let hint = match e.kind() {
-                std::io::ErrorKind::PermissionDenied if !d.read_only => " (add ,readonly=on to open it read-only)",
+                std::io::ErrorKind::PermissionDenied if !d.read_only => {
+                    " (add ,readonly=on to open it read-only)"
+                }
                 _ => "",
             };
             VmmError::Config(format!("--disk {}: {e}{hint}", d.path.display()))
         })?;
         let id = d.id.clone().unwrap_or_else(|| format!("vd{i}"));
-        devices.push((format!("disk {}", d.path.display()), build(Block::new(disk, d.read_only, id.as_bytes()))));
+        devices.push((
+            format!("disk {}", d.path.display()),
+            build(Block::new(disk, d.read_only, id.as_bytes())),
+        ));
     }
     if let Some(n) = &cfg.net {
-        let tap = Tap::open(&n.tap).map_err(|e| VmmError::Config(format!("--net tap={}: {e}", n.tap)))?;
+        let tap =
+            Tap::open(&n.tap).map_err(|e| VmmError::Config(format!("--net tap={}: {e}", n.tap)))?;
         devices.push((format!("net {}", n.tap), build(Net::new(tap, n.mac))));
     }
     if let Some(v) = &cfg.vsock {
@@ -311,7 +321,8 @@ pub struct MmioBus {
 
 impl MmioBus {
     fn find(&self, addr: u64) -> Option<(&Slot, u64)> {
-        let index = usize::try_from(addr.checked_sub(VIRTIO_MMIO_START)? / VIRTIO_MMIO_SIZE).ok()?;
+        let index =
+            usize::try_from(addr.checked_sub(VIRTIO_MMIO_START)? / VIRTIO_MMIO_SIZE).ok()?;
         let slot = self.slots.get(index)?;
         Some((slot, addr - slot.base))
     }
@@ -364,8 +375,12 @@ pub fn attach(
         let mut kicks = Vec::new();
         for q in 0..nq {
             let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::Io)?;
-            vm.register_ioevent(&evt, &IoEventAddress::Mmio(base + VIRTIO_MMIO_NOTIFY_OFFSET), q as u32)
-                .map_err(kvm_err("register a virtio ioeventfd"))?;
+            vm.register_ioevent(
+                &evt,
+                &IoEventAddress::Mmio(base + VIRTIO_MMIO_NOTIFY_OFFSET),
+                q as u32,
+            )
+            .map_err(kvm_err("register a virtio ioeventfd"))?;
             kicks.push(evt);
         }
         bus.slots.push(Slot {
@@ -410,7 +425,11 @@ impl EventLoop {
         for (d, (_, kicks)) in devices.iter().enumerate() {
             for (q, evt) in kicks.iter().enumerate() {
                 let data = (d as u64) << 32 | q as u64;
-                epoll.ctl(ControlOperation::Add, evt.as_raw_fd(), EpollEvent::new(EventSet::IN, data))?;
+                epoll.ctl(
+                    ControlOperation::Add,
+                    evt.as_raw_fd(),
+                    EpollEvent::new(EventSet::IN, data),
+                )?;
             }
         }
         let registered = vec![HashMap::new(); devices.len()];
@@ -429,13 +448,24 @@ impl EventLoop {
     /// re-armed (MOD, or ADD if epoll forgot it): a backend may have closed an fd and
     /// opened another with the same number since the last call.
     fn sync_fds(&mut self, d: usize) {
-        let wanted: HashMap<RawFd, u32> = self.devices[d].0.lock().unwrap().fds().into_iter().collect();
+        let wanted: HashMap<RawFd, u32> = self.devices[d]
+            .0
+            .lock()
+            .unwrap()
+            .fds()
+            .into_iter()
+            .collect();
         let old = std::mem::take(&mut self.registered[d]);
         for fd in old.keys().filter(|fd| !wanted.contains_key(fd)) {
-            let _ = self.epoll.ctl(ControlOperation::Delete, *fd, EpollEvent::default());
+            let _ = self
+                .epoll
+                .ctl(ControlOperation::Delete, *fd, EpollEvent::default());
         }
         for (&fd, &events) in &wanted {
-            let ev = EpollEvent::new(EventSet::from_bits_truncate(events), (d as u64) << 32 | FD_TAG | fd as u64);
+            let ev = EpollEvent::new(
+                EventSet::from_bits_truncate(events),
+                (d as u64) << 32 | FD_TAG | fd as u64,
+            );
             if self.epoll.ctl(ControlOperation::Modify, fd, ev).is_err() {
                 let _ = self.epoll.ctl(ControlOperation::Add, fd, ev);
             }
@@ -461,7 +491,9 @@ impl EventLoop {
                     continue;
                 };
                 if low & FD_TAG != 0 {
-                    dev.lock().unwrap().fd_ready((low & !FD_TAG) as RawFd, ev.events());
+                    dev.lock()
+                        .unwrap()
+                        .fd_ready((low & !FD_TAG) as RawFd, ev.events());
                 } else {
                     let q = low as usize;
                     // Drain the counter, then run the queue: kicks that arrive meanwhile
@@ -489,8 +521,18 @@ mod tests {
                 id: Some("root".into())
             }
         );
-        assert_eq!("path=b.img".parse::<DiskSpec>().unwrap().path, PathBuf::from("b.img"));
-        for bad in ["", "readonly=on", "a.img,readonly=maybe", "a.img,cache=none", "a.img,ro", "a.img,id=123456789012345678901"] {
+        assert_eq!(
+            "path=b.img".parse::<DiskSpec>().unwrap().path,
+            PathBuf::from("b.img")
+        );
+        for bad in [
+            "",
+            "readonly=on",
+            "a.img,readonly=maybe",
+            "a.img,cache=none",
+            "a.img,ro",
+            "a.img,id=123456789012345678901",
+        ] {
             assert!(bad.parse::<DiskSpec>().is_err(), "{bad}");
         }
     }
@@ -501,7 +543,14 @@ mod tests {
         assert_eq!(n.tap, "tap0");
         assert_eq!(n.mac, [2, 0, 0, 0, 0, 1]);
         assert_eq!("tap=t".parse::<NetSpec>().unwrap().mac, DEFAULT_MAC);
-        for bad in ["", "mac=02:00:00:00:00:01", "tap=t,mac=01:00:00:00:00:00", "tap=t,mac=2:0:0:0:0:1", "tap=t,mac=02:00:00:00:00", "tap=t,speed=10"] {
+        for bad in [
+            "",
+            "mac=02:00:00:00:00:01",
+            "tap=t,mac=01:00:00:00:00:00",
+            "tap=t,mac=2:0:0:0:0:1",
+            "tap=t,mac=02:00:00:00:00",
+            "tap=t,speed=10",
+        ] {
             assert!(bad.parse::<NetSpec>().is_err(), "{bad}");
         }
     }
@@ -510,7 +559,14 @@ mod tests {
     fn vsock_specs() {
         let v: VsockSpec = "cid=3,socket=/tmp/v.sock".parse().unwrap();
         assert_eq!((v.cid, v.socket), (3, PathBuf::from("/tmp/v.sock")));
-        for bad in ["cid=2,socket=/x", "cid=4294967295,socket=/x", "cid=3", "socket=/x", "cid=x,socket=/x", "/x"] {
+        for bad in [
+            "cid=2,socket=/x",
+            "cid=4294967295,socket=/x",
+            "cid=3",
+            "socket=/x",
+            "cid=x,socket=/x",
+            "/x",
+        ] {
             assert!(bad.parse::<VsockSpec>().is_err(), "{bad}");
         }
     }

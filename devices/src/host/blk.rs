@@ -25,9 +25,16 @@ impl FileDisk {
         let file = OpenOptions::new().read(true).write(!read_only).open(path)?;
         let meta = file.metadata()?;
         if !meta.is_file() && !is_block_device(&meta) {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a regular file or block device"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a regular file or block device",
+            ));
         }
-        let len = if meta.is_file() { meta.len() } else { block_device_len(&file)? };
+        let len = if meta.is_file() {
+            meta.len()
+        } else {
+            block_device_len(&file)?
+        };
         Ok(FileDisk {
             file,
             len,
@@ -68,16 +75,20 @@ fn block_device_len(file: &File) -> io::Result<u64> {
 }
 
 impl BlockBackend for FileDisk {
-    fn len(&self) -> u64 {
+    fn size(&self) -> u64 {
         self.len
     }
 
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), BackendError> {
-        self.file.read_exact_at(buf, offset).map_err(|_| BackendError::Io)
+        self.file
+            .read_exact_at(buf, offset)
+            .map_err(|_| BackendError::Io)
     }
 
     fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), BackendError> {
-        self.file.write_all_at(buf, offset).map_err(|_| BackendError::Io)
+        self.file
+            .write_all_at(buf, offset)
+            .map_err(|_| BackendError::Io)
     }
 
     fn flush(&mut self) -> Result<(), BackendError> {
@@ -85,10 +96,11 @@ impl BlockBackend for FileDisk {
     }
 
     fn discard(&mut self, offset: u64, len: u64) -> Result<(), BackendError> {
-        self.punch_hole(offset, len).map_err(|e| match e.raw_os_error() {
-            Some(libc::EOPNOTSUPP) => BackendError::Unsupported,
-            _ => BackendError::Io,
-        })
+        self.punch_hole(offset, len)
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::EOPNOTSUPP) => BackendError::Unsupported,
+                _ => BackendError::Io,
+            })
     }
 
     fn can_discard(&self) -> bool {
@@ -107,7 +119,7 @@ mod tests {
         let path = dir.join("disk.img");
         std::fs::write(&path, vec![0xaa; 8192]).unwrap();
         let mut d = FileDisk::open(&path, false).unwrap();
-        assert_eq!(d.len(), 8192);
+        assert_eq!(d.size(), 8192);
         d.write_at(512, &[1; 512]).unwrap();
         d.flush().unwrap();
         let mut b = [0; 512];
@@ -124,7 +136,10 @@ mod tests {
         }
         let ro = FileDisk::open(&path, true).unwrap();
         assert!(!ro.can_discard());
-        assert!(FileDisk::open(&dir, false).is_err(), "a directory is not a disk");
+        assert!(
+            FileDisk::open(&dir, false).is_err(),
+            "a directory is not a disk"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

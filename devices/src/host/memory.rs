@@ -43,13 +43,16 @@ impl GuestMemory for HostMemory {
     fn check_range(&self, addr: u64, len: u64) -> bool {
         match usize::try_from(len) {
             Ok(0) => self.0.address_in_range(GuestAddress(addr)),
-            Ok(len) => addr.checked_add(len as u64).is_some() && self.0.check_range(GuestAddress(addr), len),
+            Ok(len) => {
+                addr.checked_add(len as u64).is_some()
+                    && self.0.check_range(GuestAddress(addr), len)
+            }
             Err(_) => false,
         }
     }
 
     fn load_u16(&self, addr: u64) -> Result<u16, MemError> {
-        if addr % 2 != 0 {
+        if !addr.is_multiple_of(2) {
             return Err(err(addr, 2));
         }
         self.0
@@ -58,7 +61,7 @@ impl GuestMemory for HostMemory {
     }
 
     fn store_u16(&self, addr: u64, value: u16) -> Result<(), MemError> {
-        if addr % 2 != 0 {
+        if !addr.is_multiple_of(2) {
             return Err(err(addr, 2));
         }
         self.0
@@ -73,7 +76,11 @@ mod tests {
 
     #[test]
     fn accesses_outside_the_regions_fail_whole() {
-        let gm = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x2000), (GuestAddress(0x10000), 0x1000)]).unwrap();
+        let gm = GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 0x2000),
+            (GuestAddress(0x10000), 0x1000),
+        ])
+        .unwrap();
         let m = HostMemory(gm);
         m.write(0x1ff0, &[1; 16]).unwrap();
         assert!(m.write(0x1ff8, &[1; 16]).is_err(), "runs into the hole");

@@ -96,7 +96,9 @@ impl Tap {
             .custom_flags(libc::O_NONBLOCK)
             .open(TUN_PATH)
             .map_err(|e| match e.kind() {
-                io::ErrorKind::PermissionDenied => TapError::PermissionDenied("cannot open /dev/net/tun"),
+                io::ErrorKind::PermissionDenied => {
+                    TapError::PermissionDenied("cannot open /dev/net/tun")
+                }
                 _ => TapError::NoTunDevice(e),
             })?;
         let fd = file.as_raw_fd();
@@ -105,7 +107,8 @@ impl Tap {
         // that TUNSETIFF does not use); all zeros is a valid value.
         let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
         ifr.ifr_name = ifr_name;
-        ifr.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
+        ifr.ifr_ifru.ifru_flags =
+            (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
         // SAFETY: TUNSETIFF reads and writes one `ifreq`, which outlives the call.
         if unsafe { libc::ioctl(fd, libc::TUNSETIFF, &mut ifr) } < 0 {
             let e = io::Error::last_os_error();
@@ -131,7 +134,8 @@ impl Tap {
             name: name.to_owned(),
         };
         // A persistent tap keeps the offloads its last user set: start from none.
-        tap.set_offloads(0).map_err(|_| ioctl_error("TUNSETOFFLOAD"))?;
+        tap.set_offloads(0)
+            .map_err(|_| ioctl_error("TUNSETOFFLOAD"))?;
         Ok(tap)
     }
 
@@ -226,9 +230,15 @@ mod tests {
 
     #[test]
     fn bad_names_are_refused_before_any_system_call() {
-        assert!(matches!(Tap::open("a-name-of-16-chr"), Err(TapError::NameTooLong)));
+        assert!(matches!(
+            Tap::open("a-name-of-16-chr"),
+            Err(TapError::NameTooLong)
+        ));
         for bad in ["", ".", "..", "a/b", "tap:0", "tap%d", "tap 0", "tap\0"] {
-            assert!(matches!(Tap::open(bad), Err(TapError::InvalidName)), "{bad:?}");
+            assert!(
+                matches!(Tap::open(bad), Err(TapError::InvalidName)),
+                "{bad:?}"
+            );
         }
         assert!(ifname("exactly15bytes_").is_ok());
     }
@@ -237,8 +247,16 @@ mod tests {
     fn offload_flags_follow_the_guest_and_the_kernel_rules() {
         use feature::*;
         assert_eq!(tun_offloads(0), 0);
-        assert_eq!(tun_offloads(GUEST_TSO4 | GUEST_ECN), 0, "TSO needs checksum offload");
-        assert_eq!(tun_offloads(GUEST_CSUM | GUEST_ECN), libc::TUN_F_CSUM, "ECN needs TSO");
+        assert_eq!(
+            tun_offloads(GUEST_TSO4 | GUEST_ECN),
+            0,
+            "TSO needs checksum offload"
+        );
+        assert_eq!(
+            tun_offloads(GUEST_CSUM | GUEST_ECN),
+            libc::TUN_F_CSUM,
+            "ECN needs TSO"
+        );
         assert_eq!(
             tun_offloads(GUEST_CSUM | GUEST_TSO4 | GUEST_TSO6 | GUEST_ECN | HOST_TSO4 | CSUM),
             libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6 | libc::TUN_F_TSO_ECN
@@ -251,16 +269,16 @@ mod tests {
         assert!(matches!(err, TapError::NotFound), "{err:?}");
     }
 
-    #[test]
-    fn a_missing_tap_or_one_owned_by_someone_else() {
+    /// Run `root_case` as root in a fresh network namespace, on a thread of its own
+    /// (namespaces and capabilities are per thread), so the host's interfaces are not
+    /// touched. Not root: what a missing tap gives instead.
+    fn in_private_netns(missing: &str, root_case: fn()) {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
-            assert_missing_tap_error("vmm-no-such-0");
+            assert_missing_tap_error(missing);
             return;
         }
-        // As root: do it in a fresh network namespace, on a thread of our own (namespaces
-        // and capabilities are per thread), so the host's interfaces are not touched.
-        std::thread::spawn(|| {
+        std::thread::spawn(move || {
             // SAFETY: unshare has no memory arguments; it moves only this thread.
             if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
                 // E.g. a container without CAP_SYS_ADMIN: that is the error, and we
@@ -269,10 +287,15 @@ mod tests {
                 assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
                 return;
             }
-            root_cases();
+            root_case();
         })
         .join()
         .unwrap();
+    }
+
+    #[test]
+    fn a_missing_tap_or_one_owned_by_someone_else() {
+        in_private_netns("vmm-no-such-0", root_cases);
     }
 
     /// Root, in a new network namespace.
@@ -286,7 +309,10 @@ mod tests {
         assert!(matches!(Tap::open("lo"), Err(TapError::NotATap)));
         // Give the tap an owner that is not us, then drop CAP_NET_ADMIN.
         // SAFETY: TUNSETOWNER takes a uid by value.
-        assert_eq!(unsafe { libc::ioctl(tap.as_raw_fd(), libc::TUNSETOWNER, 4242 as libc::c_ulong) }, 0);
+        assert_eq!(
+            unsafe { libc::ioctl(tap.as_raw_fd(), libc::TUNSETOWNER, 4242 as libc::c_ulong) },
+            0
+        );
         drop_net_admin();
         assert_missing_tap_error("vmm-no-such-0");
         let err = Tap::open("vmmtest0").unwrap_err();
@@ -309,44 +335,39 @@ mod tests {
         }
         const VERSION_3: u32 = 0x2008_0522;
         const CAP_NET_ADMIN: u32 = 12;
-        let mut hdr = Header { version: VERSION_3, pid: 0 };
+        let mut hdr = Header {
+            version: VERSION_3,
+            pid: 0,
+        };
         let mut data = [Data::default(); 2];
         // SAFETY: capget writes one header and two data structs, laid out as the kernel's.
-        assert_eq!(unsafe { libc::syscall(libc::SYS_capget, &mut hdr, data.as_mut_ptr()) }, 0);
+        assert_eq!(
+            unsafe { libc::syscall(libc::SYS_capget, &mut hdr, data.as_mut_ptr()) },
+            0
+        );
         data[0].effective &= !(1 << CAP_NET_ADMIN);
         // SAFETY: capset reads the same structs; the raw syscall changes only this thread.
-        assert_eq!(unsafe { libc::syscall(libc::SYS_capset, &hdr, data.as_ptr()) }, 0);
+        assert_eq!(
+            unsafe { libc::syscall(libc::SYS_capset, &hdr, data.as_ptr()) },
+            0
+        );
     }
 
     /// Root in a new namespace: frames go through a real tap both ways, with their vnet
     /// headers, and the device's fds follow `wants_input`.
     #[test]
     fn frames_cross_a_real_tap() {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            // Without root we cannot create a tap to talk to.
-            assert_missing_tap_error("vmm-no-such-1");
-            return;
-        }
-        std::thread::spawn(|| {
-            // SAFETY: as above.
-            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-                let e = io::Error::last_os_error();
-                assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
-                return;
-            }
-            round_trip();
-        })
-        .join()
-        .unwrap();
+        in_private_netns("vmm-no-such-1", round_trip);
     }
 
     const ETHERTYPE: [u8; 2] = [0x88, 0xb5]; // local experimental
 
     fn round_trip() {
         let mut tap = Tap::attach("vmmtest1").unwrap();
-        tap.set_offloads(feature::GUEST_CSUM | feature::GUEST_TSO4 | feature::GUEST_TSO6 | feature::GUEST_ECN)
-            .unwrap();
+        tap.set_offloads(
+            feature::GUEST_CSUM | feature::GUEST_TSO4 | feature::GUEST_TSO6 | feature::GUEST_ECN,
+        )
+        .unwrap();
         let mut buf = vec![0; MAX_FRAME];
         assert_eq!(tap.recv(&mut buf), Ok(None), "nothing yet, and no blocking");
 
@@ -363,7 +384,13 @@ mod tests {
         assert_eq!(n, eth.len() as isize, "{}", io::Error::last_os_error());
         let got = wait_for(|| loop {
             match tap.recv(&mut buf).unwrap() {
-                Some(n) if buf.get(HDR_LEN + 12..n).is_some_and(|t| t.starts_with(&ETHERTYPE)) => break Some(buf[..n].to_vec()),
+                Some(n)
+                    if buf
+                        .get(HDR_LEN + 12..n)
+                        .is_some_and(|t| t.starts_with(&ETHERTYPE)) =>
+                {
+                    break Some(buf[..n].to_vec())
+                }
                 Some(_) => continue, // the kernel's own traffic (IPv6 ND, MLD)
                 None => break None,
             }
@@ -381,7 +408,14 @@ mod tests {
             let mut b = [0u8; 2048];
             loop {
                 // SAFETY: recv writes at most `b.len()` bytes into `b`.
-                let n = unsafe { libc::recv(sock.as_raw_fd(), b.as_mut_ptr().cast(), b.len(), libc::MSG_DONTWAIT) };
+                let n = unsafe {
+                    libc::recv(
+                        sock.as_raw_fd(),
+                        b.as_mut_ptr().cast(),
+                        b.len(),
+                        libc::MSG_DONTWAIT,
+                    )
+                };
                 if n < 0 {
                     break None;
                 }
@@ -400,7 +434,10 @@ mod tests {
         let mut net = Net::new(tap, [2, 0, 0, 0, 0, 1]);
         assert!(net.fds().is_empty(), "not before the driver is up");
         net.activate(feature::GUEST_CSUM | feature::GUEST_TSO4);
-        assert_eq!(net.fds(), [(net.backend().as_raw_fd(), libc::EPOLLIN as u32)]);
+        assert_eq!(
+            net.fds(),
+            [(net.backend().as_raw_fd(), libc::EPOLLIN as u32)]
+        );
         assert_eq!(net.stats().offload_error, None);
         net.reset();
         assert!(net.fds().is_empty());
@@ -441,7 +478,13 @@ mod tests {
     fn packet_socket(ifindex: libc::c_int) -> File {
         let proto = u16::from_be_bytes(ETHERTYPE).to_be();
         // SAFETY: socket has no memory arguments.
-        let s = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::c_int::from(proto)) };
+        let s = unsafe {
+            libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::c_int::from(proto),
+            )
+        };
         assert!(s >= 0, "{}", io::Error::last_os_error());
         // SAFETY: `s` is a fresh fd nothing else owns.
         let s = unsafe { <File as std::os::unix::io::FromRawFd>::from_raw_fd(s) };

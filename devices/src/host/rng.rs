@@ -1,12 +1,12 @@
 //! The host's `getrandom(2)` as the virtio-rng entropy source.
 
-use crate::virtio::rng::EntropySource;
+use crate::virtio::rng::{EntropyError, EntropySource};
 
 #[derive(Debug, Default)]
 pub struct HostEntropy;
 
 impl EntropySource for HostEntropy {
-    fn fill(&mut self, buf: &mut [u8]) -> Result<(), ()> {
+    fn fill(&mut self, buf: &mut [u8]) -> Result<(), EntropyError> {
         let mut done = 0;
         while done < buf.len() {
             let rest = &mut buf[done..];
@@ -15,7 +15,7 @@ impl EntropySource for HostEntropy {
             match n {
                 n if n > 0 => done += n as usize,
                 _ if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted => {}
-                _ => return Err(()),
+                _ => return Err(EntropyError),
             }
         }
         Ok(())

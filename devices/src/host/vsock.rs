@@ -36,7 +36,9 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
 use super::HostFds;
-use crate::virtio::vsock::{op, shutdown, PacketHeader, Vsock, VsockBackend, HOST_CID, TYPE_STREAM};
+use crate::virtio::vsock::{
+    op, shutdown, PacketHeader, Vsock, VsockBackend, HOST_CID, TYPE_STREAM,
+};
 
 /// The receive buffer each connection advertises to the guest (`buf_alloc`), which is
 /// also the most guest data it holds for a slow host reader.
@@ -158,7 +160,9 @@ impl Conn {
             || self.send_response
             || self.send_credit_update
             || self.send_shutdown
-            || (self.reading() && self.host_readable && (self.peer_credit() > 0 || !self.credit_request_sent))
+            || (self.reading()
+                && self.host_readable
+                && (self.peer_credit() > 0 || !self.credit_request_sent))
     }
 
     fn buffered_for_host(&self) -> bool {
@@ -450,7 +454,11 @@ impl Muxer {
                 c.send_shutdown = false;
                 hdr.op = op::SHUTDOWN;
                 hdr.flags = shutdown::SEND;
-            } else if c.reading() && c.host_readable && c.peer_credit() == 0 && !c.credit_request_sent {
+            } else if c.reading()
+                && c.host_readable
+                && c.peer_credit() == 0
+                && !c.credit_request_sent
+            {
                 c.credit_request_sent = true;
                 hdr.op = op::CREDIT_REQUEST;
             } else {
@@ -504,7 +512,9 @@ impl Muxer {
                 return;
             }
             (op::CREDIT_UPDATE, State::Established | State::Closing) => {}
-            (op::CREDIT_REQUEST, State::Established | State::Closing) => c.send_credit_update = true,
+            (op::CREDIT_REQUEST, State::Established | State::Closing) => {
+                c.send_credit_update = true
+            }
             (op::SHUTDOWN, State::Closing) => {}
             // Anything else is a protocol violation (a second REQUEST, data before the
             // RESPONSE or after SHUTDOWN(SEND), an unknown op...).
@@ -536,7 +546,14 @@ fn parse_connect(line: &[u8]) -> Option<u32> {
 /// `send(2)` without `SIGPIPE`.
 fn send(stream: &UnixStream, buf: &[u8]) -> io::Result<usize> {
     // SAFETY: `buf` is valid for `buf.len()` bytes and the fd is owned by `stream`.
-    let n = unsafe { libc::send(stream.as_raw_fd(), buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL) };
+    let n = unsafe {
+        libc::send(
+            stream.as_raw_fd(),
+            buf.as_ptr().cast(),
+            buf.len(),
+            libc::MSG_NOSIGNAL,
+        )
+    };
     if n < 0 {
         Err(io::Error::last_os_error())
     } else {
@@ -590,7 +607,13 @@ fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
         *d = *s as libc::c_char;
     }
     // SAFETY: plain socket(2) call; the result is checked below.
-    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) };
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -754,7 +777,11 @@ mod tests {
             let rxq = DriverQueue::new(16, 0);
             let txq = DriverQueue::new(16, 0x4000);
             let evq = DriverQueue::new(16, 0x8000);
-            let mut queues = [Queue::new(QUEUE_SIZE), Queue::new(QUEUE_SIZE), Queue::new(QUEUE_SIZE)];
+            let mut queues = [
+                Queue::new(QUEUE_SIZE),
+                Queue::new(QUEUE_SIZE),
+                Queue::new(QUEUE_SIZE),
+            ];
             rxq.configure(&mut queues[0]);
             txq.configure(&mut queues[1]);
             evq.configure(&mut queues[2]);
@@ -777,9 +804,14 @@ mod tests {
             // Single-descriptor chains take descriptors in turn, so the head names the buffer.
             let head = self.rxq.add(&self.mem, &[(0, 0, true)]);
             let addr = RX_BASE + u64::from(head) * 0x2000;
-            self.mem.write(self.rxq.desc + 16 * u64::from(head), &addr.to_le_bytes()).unwrap();
             self.mem
-                .write(self.rxq.desc + 16 * u64::from(head) + 8, &RX_BUF_LEN.to_le_bytes())
+                .write(self.rxq.desc + 16 * u64::from(head), &addr.to_le_bytes())
+                .unwrap();
+            self.mem
+                .write(
+                    self.rxq.desc + 16 * u64::from(head) + 8,
+                    &RX_BUF_LEN.to_le_bytes(),
+                )
                 .unwrap();
         }
 
@@ -795,7 +827,9 @@ mod tests {
                 self.got.push_back((h, p));
                 self.post_rx();
             }
-            self.dev.queue_notify(RX_QUEUE, &mut self.queues, &self.mem).unwrap();
+            self.dev
+                .queue_notify(RX_QUEUE, &mut self.queues, &self.mem)
+                .unwrap();
         }
 
         fn send(&mut self, op: u16, local: u32, peer: u32, flags: u32, payload: &[u8]) {
@@ -813,9 +847,13 @@ mod tests {
             };
             self.mem.write(TX_BUF, &h.to_bytes()).unwrap();
             self.mem.write(TX_BUF + HDR_LEN as u64, payload).unwrap();
-            self.txq
-                .add(&self.mem, &[(TX_BUF, (HDR_LEN + payload.len()) as u32, false)]);
-            self.dev.queue_notify(TX_QUEUE, &mut self.queues, &self.mem).unwrap();
+            self.txq.add(
+                &self.mem,
+                &[(TX_BUF, (HDR_LEN + payload.len()) as u32, false)],
+            );
+            self.dev
+                .queue_notify(TX_QUEUE, &mut self.queues, &self.mem)
+                .unwrap();
             self.txq.reclaim(&self.mem);
             self.collect();
         }
@@ -827,8 +865,15 @@ mod tests {
                 .iter()
                 .map(|&(fd, ev)| libc::pollfd {
                     fd,
-                    events: (if ev & libc::EPOLLIN as u32 != 0 { libc::POLLIN } else { 0 })
-                        | (if ev & libc::EPOLLOUT as u32 != 0 { libc::POLLOUT } else { 0 }),
+                    events: (if ev & libc::EPOLLIN as u32 != 0 {
+                        libc::POLLIN
+                    } else {
+                        0
+                    }) | (if ev & libc::EPOLLOUT as u32 != 0 {
+                        libc::POLLOUT
+                    } else {
+                        0
+                    }),
                     revents: 0,
                 })
                 .collect();
@@ -863,7 +908,10 @@ mod tests {
                 self.pump();
             }
             let (h, p) = self.got.pop_front().unwrap();
-            assert_eq!((h.src_cid, h.dst_cid, h.type_), (HOST_CID, CID, TYPE_STREAM));
+            assert_eq!(
+                (h.src_cid, h.dst_cid, h.type_),
+                (HOST_CID, CID, TYPE_STREAM)
+            );
             self.fwd_cnt = self.fwd_cnt.wrapping_add(p.len() as u32);
             (h, p)
         }
@@ -900,7 +948,10 @@ mod tests {
         let mut host = UnixStream::connect(&path).unwrap();
         host.write_all(b"CONNECT 52\n").unwrap();
         let (req, _) = g.expect_packet();
-        assert_eq!((req.op, req.dst_port, req.buf_alloc), (op::REQUEST, 52, BUF_ALLOC));
+        assert_eq!(
+            (req.op, req.dst_port, req.buf_alloc),
+            (op::REQUEST, 52, BUF_ALLOC)
+        );
         let local = req.src_port;
         assert!(local >= FIRST_LOCAL_PORT);
         g.send(op::RESPONSE, 52, local, 0, &[]);
@@ -958,7 +1009,10 @@ mod tests {
         // Asked for credit, the muxer answers.
         g.send(op::CREDIT_REQUEST, 52, local, 0, &[]);
         let (cu, _) = g.expect_packet();
-        assert_eq!((cu.op, cu.fwd_cnt, cu.buf_alloc), (op::CREDIT_UPDATE, 3 * 8192, BUF_ALLOC));
+        assert_eq!(
+            (cu.op, cu.fwd_cnt, cu.buf_alloc),
+            (op::CREDIT_UPDATE, 3 * 8192, BUF_ALLOC)
+        );
 
         // Host half-closes: the guest hears SHUTDOWN(SEND) and can still send.
         host.shutdown(Shutdown::Write).unwrap();
@@ -1015,7 +1069,10 @@ mod tests {
 
         g.send(op::REQUEST, 40000, 5000, 0, &[]);
         let (resp, _) = g.expect_packet();
-        assert_eq!((resp.op, resp.src_port, resp.dst_port), (op::RESPONSE, 5000, 40000));
+        assert_eq!(
+            (resp.op, resp.src_port, resp.dst_port),
+            (op::RESPONSE, 5000, 40000)
+        );
         let (mut host, _) = listener.accept().unwrap();
         g.send(op::RW, 40000, 5000, 0, b"ping");
         let mut b = [0; 4];
@@ -1027,7 +1084,13 @@ mod tests {
         drop(host);
         let (sd, _) = g.expect_packet();
         assert_eq!(sd.op, op::SHUTDOWN);
-        g.send(op::SHUTDOWN, 40000, 5000, shutdown::RCV | shutdown::SEND, &[]);
+        g.send(
+            op::SHUTDOWN,
+            40000,
+            5000,
+            shutdown::RCV | shutdown::SEND,
+            &[],
+        );
         assert_eq!(g.expect_packet().0.op, op::RST);
         assert_eq!(g.dev.backend().connections(), 0);
 
@@ -1128,16 +1191,25 @@ mod tests {
         assert!(e.to_string().contains("already exists"));
         drop(m);
         std::fs::write(&path, b"").unwrap();
-        assert!(matches!(Muxer::new(CID, &path), Err(VsockError::PathInUse(_))));
+        assert!(matches!(
+            Muxer::new(CID, &path),
+            Err(VsockError::PathInUse(_))
+        ));
         let e = Muxer::new(CID, &dir.join("missing/v.sock")).err().unwrap();
         assert!(matches!(e, VsockError::NoDirectory(_)), "{e}");
-        assert!(matches!(Muxer::new(2, &dir.join("x")), Err(VsockError::InvalidCid(2))));
+        assert!(matches!(
+            Muxer::new(2, &dir.join("x")),
+            Err(VsockError::InvalidCid(2))
+        ));
         assert!(matches!(
             Muxer::new(u64::from(u32::MAX), &dir.join("x")),
             Err(VsockError::InvalidCid(_))
         ));
         let long = dir.join("x".repeat(100));
-        assert!(matches!(Muxer::new(CID, &long), Err(VsockError::PathTooLong(_))));
+        assert!(matches!(
+            Muxer::new(CID, &long),
+            Err(VsockError::PathTooLong(_))
+        ));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -1145,7 +1217,14 @@ mod tests {
     fn connect_lines() {
         assert_eq!(parse_connect(b"CONNECT 52"), Some(52));
         assert_eq!(parse_connect(b"CONNECT 4294967295\r"), Some(u32::MAX));
-        for bad in [&b"CONNECT"[..], b"CONNECT ", b"CONNECT -1", b"CONNECT 4294967296", b"connect 5", b"CONNECT 5 6"] {
+        for bad in [
+            &b"CONNECT"[..],
+            b"CONNECT ",
+            b"CONNECT -1",
+            b"CONNECT 4294967296",
+            b"connect 5",
+            b"CONNECT 5 6",
+        ] {
             assert_eq!(parse_connect(bad), None);
         }
     }

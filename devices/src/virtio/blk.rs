@@ -52,7 +52,7 @@ pub enum BackendError {
 /// The disk behind the device: a byte-addressed store (a raw image file on the host).
 pub trait BlockBackend: Send {
     /// Size in bytes (the device exposes the whole sectors).
-    fn len(&self) -> u64;
+    fn size(&self) -> u64;
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), BackendError>;
     fn write_at(&mut self, offset: u64, buf: &[u8]) -> Result<(), BackendError>;
     /// Make every completed write durable.
@@ -86,7 +86,7 @@ impl<B: BlockBackend> Block<B> {
             features |= feature::DISCARD;
         }
         let mut config = [0u8; 60];
-        config[0..8].copy_from_slice(&(backend.len() / SECTOR_SIZE).to_le_bytes());
+        config[0..8].copy_from_slice(&(backend.size() / SECTOR_SIZE).to_le_bytes());
         config[12..16].copy_from_slice(&u32::from(QUEUE_SIZE - 2).to_le_bytes());
         // max_discard_sectors, max_discard_seg, discard_sector_alignment.
         config[36..40].copy_from_slice(&u32::MAX.to_le_bytes());
@@ -106,7 +106,7 @@ impl<B: BlockBackend> Block<B> {
     }
 
     pub fn capacity_sectors(&self) -> u64 {
-        self.backend.len() / SECTOR_SIZE
+        self.backend.size() / SECTOR_SIZE
     }
 
     /// Handle one request; returns `(status, bytes written into data buffers)`.
@@ -149,7 +149,7 @@ impl<B: BlockBackend> Block<B> {
 
     /// The byte offset of `len` bytes at `sector`, if that is whole sectors on the disk.
     fn range(&self, sector: u64, len: u64) -> Option<u64> {
-        if len % SECTOR_SIZE != 0 {
+        if !len.is_multiple_of(SECTOR_SIZE) {
             return None;
         }
         let end = sector.checked_add(len / SECTOR_SIZE)?;
@@ -161,7 +161,11 @@ impl<B: BlockBackend> Block<B> {
         let mut done = 0;
         while done < len {
             let n = (len - done).min(BOUNCE as u64) as usize;
-            if self.backend.read_at(offset + done, &mut self.bounce[..n]).is_err() {
+            if self
+                .backend
+                .read_at(offset + done, &mut self.bounce[..n])
+                .is_err()
+            {
                 return (status::IOERR, done);
             }
             match w.write_all(mem, &self.bounce[..n]) {
@@ -179,7 +183,11 @@ impl<B: BlockBackend> Block<B> {
             if r.read_exact(mem, &mut self.bounce[..n]).is_err() {
                 return status::IOERR;
             }
-            if self.backend.write_at(offset + done, &self.bounce[..n]).is_err() {
+            if self
+                .backend
+                .write_at(offset + done, &self.bounce[..n])
+                .is_err()
+            {
                 return status::IOERR;
             }
             done += n as u64;
@@ -189,7 +197,7 @@ impl<B: BlockBackend> Block<B> {
 
     fn discard(&mut self, mem: &dyn GuestMemory, r: &mut Reader) -> u8 {
         let segs = r.remaining() / 16;
-        if segs == 0 || r.remaining() % 16 != 0 || segs > u64::from(MAX_DISCARD_SEG) {
+        if segs == 0 || !r.remaining().is_multiple_of(16) || segs > u64::from(MAX_DISCARD_SEG) {
             return status::IOERR;
         }
         for _ in 0..segs {
@@ -218,7 +226,12 @@ impl<B: BlockBackend> Block<B> {
 
 /// The status byte: the last byte of the last device-writable descriptor.
 fn status_byte(chain: &Chain) -> Option<(u64, u64)> {
-    let writable: u64 = chain.descs.iter().filter(|d| d.writable).map(|d| u64::from(d.len)).sum();
+    let writable: u64 = chain
+        .descs
+        .iter()
+        .filter(|d| d.writable)
+        .map(|d| u64::from(d.len))
+        .sum();
     let last: &Descriptor = chain.descs.last().filter(|d| d.writable && d.len > 0)?;
     let addr = last.addr.checked_add(u64::from(last.len) - 1)?;
     Some((addr, writable - 1))
@@ -247,26 +260,18 @@ impl<B: BlockBackend> VirtioDevice for Block<B> {
         queues: &mut [Queue],
         mem: &dyn GuestMemory,
     ) -> Result<(), DeviceError> {
-        let q = &mut queues[0];
-        loop {
-            while let Some(chain) = q.pop(mem)? {
-                let used = match status_byte(&chain) {
-                    Some((status_addr, data_in)) => {
-                        let (st, written) = self.execute(mem, &chain, data_in);
-                        match mem.write(status_addr, &[st]) {
-                            Ok(()) => written as u32 + 1,
-                            Err(_) => 0,
-                        }
-                    }
-                    // Nowhere to put a status: hand the buffers back untouched.
-                    None => 0,
-                };
-                q.add_used(mem, chain.head, used)?;
+        queues[0].process_all(mem, |chain| match status_byte(chain) {
+            Some((status_addr, data_in)) => {
+                let (st, written) = self.execute(mem, chain, data_in);
+                match mem.write(status_addr, &[st]) {
+                    Ok(()) => written as u32 + 1,
+                    Err(_) => 0,
+                }
             }
-            if !q.enable_notification(mem)? {
-                return Ok(());
-            }
-        }
+            // Nowhere to put a status: hand the buffers back untouched.
+            None => 0,
+        })?;
+        Ok(())
     }
 }
 
@@ -283,7 +288,7 @@ mod tests {
     }
 
     impl BlockBackend for MemDisk {
-        fn len(&self) -> u64 {
+        fn size(&self) -> u64 {
             self.data.len() as u64
         }
         fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), BackendError> {
@@ -327,7 +332,12 @@ mod tests {
         dq.configure(&mut queues[0]);
         let data = (0..64 * 1024).map(|i| (i % 251) as u8).collect();
         let blk = Block::new(MemDisk { data, flushes: 0 }, read_only, b"disk-id");
-        Rig { mem, dq, queues, blk }
+        Rig {
+            mem,
+            dq,
+            queues,
+            blk,
+        }
     }
 
     impl Rig {
@@ -342,7 +352,9 @@ mod tests {
         /// Submit one chain; returns (status byte, used len).
         fn submit(&mut self, bufs: &[(u64, u32, bool)]) -> (u8, u32) {
             self.dq.add(&self.mem, bufs);
-            self.blk.queue_notify(0, &mut self.queues, &self.mem).unwrap();
+            self.blk
+                .queue_notify(0, &mut self.queues, &self.mem)
+                .unwrap();
             let used = self.dq.used(&self.mem);
             assert_eq!(used.len(), 1);
             let mut s = [0];
@@ -355,7 +367,12 @@ mod tests {
     fn multi_segment_read_and_write() {
         let mut r = rig(false);
         r.header(req::IN, 2);
-        let (st, len) = r.submit(&[(HDR, 16, false), (DATA, 512, true), (DATA + 4096, 1024, true), (STATUS, 1, true)]);
+        let (st, len) = r.submit(&[
+            (HDR, 16, false),
+            (DATA, 512, true),
+            (DATA + 4096, 1024, true),
+            (STATUS, 1, true),
+        ]);
         assert_eq!((st, len), (status::OK, 1537));
         let mut got = vec![0; 512];
         r.mem.read(DATA, &mut got).unwrap();
@@ -364,13 +381,21 @@ mod tests {
         r.mem.write(DATA, &[7; 512]).unwrap();
         r.mem.write(DATA + 4096, &[9; 512]).unwrap();
         r.header(req::OUT, 10);
-        let (st, len) = r.submit(&[(HDR, 16, false), (DATA, 512, false), (DATA + 4096, 512, false), (STATUS, 1, true)]);
+        let (st, len) = r.submit(&[
+            (HDR, 16, false),
+            (DATA, 512, false),
+            (DATA + 4096, 512, false),
+            (STATUS, 1, true),
+        ]);
         assert_eq!((st, len), (status::OK, 1));
         assert!(r.blk.backend.data[5120..5632].iter().all(|&b| b == 7));
         assert!(r.blk.backend.data[5632..6144].iter().all(|&b| b == 9));
 
         r.header(req::FLUSH, 0);
-        assert_eq!(r.submit(&[(HDR, 16, false), (STATUS, 1, true)]).0, status::OK);
+        assert_eq!(
+            r.submit(&[(HDR, 16, false), (STATUS, 1, true)]).0,
+            status::OK
+        );
         assert_eq!(r.blk.backend.flushes, 1);
     }
 
@@ -384,7 +409,10 @@ mod tests {
         r.mem.read(DATA, &mut id).unwrap();
         assert_eq!(&id[..8], b"disk-id\0");
         r.header(99, 0);
-        assert_eq!(r.submit(&[(HDR, 16, false), (STATUS, 1, true)]).0, status::UNSUPP);
+        assert_eq!(
+            r.submit(&[(HDR, 16, false), (STATUS, 1, true)]).0,
+            status::UNSUPP
+        );
     }
 
     #[test]
@@ -393,9 +421,17 @@ mod tests {
         assert_ne!(r.blk.features() & feature::RO, 0);
         let before = r.blk.backend.data.clone();
         r.header(req::OUT, 0);
-        assert_eq!(r.submit(&[(HDR, 16, false), (DATA, 512, false), (STATUS, 1, true)]).0, status::IOERR);
+        assert_eq!(
+            r.submit(&[(HDR, 16, false), (DATA, 512, false), (STATUS, 1, true)])
+                .0,
+            status::IOERR
+        );
         r.header(req::DISCARD, 0);
-        assert_eq!(r.submit(&[(HDR, 16, false), (DATA, 16, false), (STATUS, 1, true)]).0, status::UNSUPP);
+        assert_eq!(
+            r.submit(&[(HDR, 16, false), (DATA, 16, false), (STATUS, 1, true)])
+                .0,
+            status::UNSUPP
+        );
         assert_eq!(r.blk.backend.data, before, "the disk is unchanged");
     }
 
@@ -407,7 +443,11 @@ mod tests {
         seg[8..12].copy_from_slice(&2u32.to_le_bytes());
         r.mem.write(DATA, &seg).unwrap();
         r.header(req::DISCARD, 0);
-        assert_eq!(r.submit(&[(HDR, 16, false), (DATA, 16, false), (STATUS, 1, true)]).0, status::OK);
+        assert_eq!(
+            r.submit(&[(HDR, 16, false), (DATA, 16, false), (STATUS, 1, true)])
+                .0,
+            status::OK
+        );
         assert!(r.blk.backend.data[2048..3072].iter().all(|&b| b == 0));
         assert_ne!(r.blk.backend.data[3072], 0);
     }
@@ -419,18 +459,45 @@ mod tests {
         // Past the end of the disk; a sector number that overflows; not whole sectors.
         for (sector, len) in [(127, 1024), (u64::MAX, 512), (0, 100)] {
             r.header(req::IN, sector);
-            assert_eq!(r.submit(&[(HDR, 16, false), (DATA, len, true), (STATUS, 1, true)]).0, status::IOERR);
+            assert_eq!(
+                r.submit(&[(HDR, 16, false), (DATA, len, true), (STATUS, 1, true)])
+                    .0,
+                status::IOERR
+            );
             r.header(req::OUT, sector);
-            assert_eq!(r.submit(&[(HDR, 16, false), (DATA, len, false), (STATUS, 1, true)]).0, status::IOERR);
+            assert_eq!(
+                r.submit(&[(HDR, 16, false), (DATA, len, false), (STATUS, 1, true)])
+                    .0,
+                status::IOERR
+            );
         }
         // Header too short.
         r.header(req::IN, 0);
-        assert_eq!(r.submit(&[(HDR, 8, false), (STATUS, 1, true)]).0, status::IOERR);
+        assert_eq!(
+            r.submit(&[(HDR, 8, false), (STATUS, 1, true)]).0,
+            status::IOERR
+        );
         // Data buffer outside guest RAM (huge length, address at the top).
         r.header(req::OUT, 0);
-        assert_eq!(r.submit(&[(HDR, 16, false), (u64::MAX - 511, 512, false), (STATUS, 1, true)]).0, status::IOERR);
+        assert_eq!(
+            r.submit(&[
+                (HDR, 16, false),
+                (u64::MAX - 511, 512, false),
+                (STATUS, 1, true)
+            ])
+            .0,
+            status::IOERR
+        );
         r.header(req::IN, 0);
-        assert_eq!(r.submit(&[(HDR, 16, false), (1 << 40, 0xffff_fe00, true), (STATUS, 1, true)]).0, status::IOERR);
+        assert_eq!(
+            r.submit(&[
+                (HDR, 16, false),
+                (1 << 40, 0xffff_fe00, true),
+                (STATUS, 1, true)
+            ])
+            .0,
+            status::IOERR
+        );
         assert_eq!(r.blk.backend.data, disk, "nothing was written");
         // No writable status byte: returned with length 0, nothing else happens.
         r.header(req::OUT, 0);

@@ -78,7 +78,11 @@ pub struct MmioTransport<D, M> {
 
 impl<D: VirtioDevice, M: GuestMemory> MmioTransport<D, M> {
     pub fn new(device: D, mem: M, interrupt: Box<dyn Interrupt>) -> Self {
-        let queues = device.queue_max_sizes().iter().map(|&n| Queue::new(n)).collect();
+        let queues = device
+            .queue_max_sizes()
+            .iter()
+            .map(|&n| Queue::new(n))
+            .collect();
         MmioTransport {
             device,
             mem,
@@ -178,20 +182,21 @@ impl<D: VirtioDevice, M: GuestMemory> MmioTransport<D, M> {
         };
         let v = u32::from_le_bytes(bytes);
         // Queue registers may be written only while setting the device up.
-        let configuring = self.status & (status::FEATURES_OK | status::DRIVER_OK) == status::FEATURES_OK;
+        let configuring =
+            self.status & (status::FEATURES_OK | status::DRIVER_OK) == status::FEATURES_OK;
         match offset {
             reg::DEVICE_FEATURES_SEL => self.device_features_sel = v,
             reg::DRIVER_FEATURES_SEL => self.driver_features_sel = v,
-            reg::DRIVER_FEATURES => {
-                if self.status & (status::DRIVER | status::FEATURES_OK) == status::DRIVER {
-                    let shift = match self.driver_features_sel {
-                        0 => 0,
-                        1 => 32,
-                        _ => return,
-                    };
-                    self.driver_features &= !(0xffff_ffffu64 << shift);
-                    self.driver_features |= u64::from(v) << shift;
-                }
+            reg::DRIVER_FEATURES
+                if self.status & (status::DRIVER | status::FEATURES_OK) == status::DRIVER =>
+            {
+                let shift = match self.driver_features_sel {
+                    0 => 0,
+                    1 => 32,
+                    _ => return,
+                };
+                self.driver_features &= !(0xffff_ffffu64 << shift);
+                self.driver_features |= u64::from(v) << shift;
             }
             reg::QUEUE_SEL => self.queue_sel = v,
             reg::QUEUE_NOTIFY => self.notify(v as usize),
@@ -333,13 +338,13 @@ impl<D: VirtioDevice, M: GuestMemory> MmioTransport<D, M> {
 mod tests {
     use super::*;
     use crate::virtio::mem::VecMemory;
-    use crate::virtio::rng::{EntropySource, Rng};
+    use crate::virtio::rng::{EntropyError, EntropySource, Rng};
     use crate::virtio::testing::DriverQueue;
     use core::sync::atomic::AtomicUsize;
 
     struct Zeros;
     impl EntropySource for Zeros {
-        fn fill(&mut self, buf: &mut [u8]) -> Result<(), ()> {
+        fn fill(&mut self, buf: &mut [u8]) -> Result<(), EntropyError> {
             buf.fill(0x5a);
             Ok(())
         }
@@ -356,7 +361,11 @@ mod tests {
 
     fn transport() -> (T, Arc<AtomicUsize>) {
         let irqs = Arc::new(AtomicUsize::new(0));
-        let t = MmioTransport::new(Rng::new(Zeros), VecMemory::new(0, 1 << 20), Box::new(CountIrq(irqs.clone())));
+        let t = MmioTransport::new(
+            Rng::new(Zeros),
+            VecMemory::new(0, 1 << 20),
+            Box::new(CountIrq(irqs.clone())),
+        );
         (t, irqs)
     }
 
@@ -379,14 +388,22 @@ mod tests {
         w(t, reg::DRIVER_FEATURES, features_hi);
         w(t, reg::DRIVER_FEATURES_SEL, 0);
         w(t, reg::DRIVER_FEATURES, 0);
-        w(t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
+        w(
+            t,
+            reg::STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
         w(t, reg::QUEUE_SEL, 0);
         w(t, reg::QUEUE_NUM, u32::from(dq.size));
         w(t, reg::QUEUE_DESC_LOW, dq.desc as u32);
         w(t, reg::QUEUE_DRIVER_LOW, dq.avail as u32);
         w(t, reg::QUEUE_DEVICE_LOW, dq.used as u32);
         w(t, reg::QUEUE_READY, 1);
-        w(t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK);
+        w(
+            t,
+            reg::STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
+        );
     }
 
     #[test]

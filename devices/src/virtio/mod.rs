@@ -19,9 +19,9 @@ pub mod mmio;
 pub mod net;
 pub mod queue;
 pub mod rng;
-pub mod vsock;
 #[cfg(any(test, feature = "std"))]
 pub mod testing;
+pub mod vsock;
 
 pub use mem::{GuestMemory, MemError};
 pub use queue::{Chain, ChainError, Queue, QueueError};

@@ -216,7 +216,12 @@ impl<B: NetBackend> Net<B> {
         if !(HDR_LEN..=self.rx_buf.len()).contains(&len) {
             return false;
         }
-        let bits = [feature::GUEST_CSUM, feature::GUEST_TSO4, feature::GUEST_TSO6, feature::GUEST_ECN];
+        let bits = [
+            feature::GUEST_CSUM,
+            feature::GUEST_TSO4,
+            feature::GUEST_TSO6,
+            feature::GUEST_ECN,
+        ];
         if !offloads_allowed(&self.rx_buf, self.features, bits) {
             return false;
         }
@@ -268,7 +273,12 @@ impl<B: NetBackend> Net<B> {
         if r.read_exact(mem, frame).is_err() {
             return false;
         }
-        let bits = [feature::CSUM, feature::HOST_TSO4, feature::HOST_TSO6, feature::HOST_ECN];
+        let bits = [
+            feature::CSUM,
+            feature::HOST_TSO4,
+            feature::HOST_TSO6,
+            feature::HOST_ECN,
+        ];
         offloads_allowed(frame, self.features, bits) && self.backend.send(frame).is_ok()
     }
 
@@ -340,7 +350,11 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
         self.note(r)
     }
 
-    fn backend_ready(&mut self, queues: &mut [Queue], mem: &dyn GuestMemory) -> Result<(), DeviceError> {
+    fn backend_ready(
+        &mut self,
+        queues: &mut [Queue],
+        mem: &dyn GuestMemory,
+    ) -> Result<(), DeviceError> {
         let r = self.rx(queues, mem);
         self.note(r)
     }
@@ -433,7 +447,9 @@ mod tests {
 
     impl Rig {
         fn notify(&mut self, q: usize) {
-            self.net.queue_notify(q, &mut self.queues, &self.mem).unwrap();
+            self.net
+                .queue_notify(q, &mut self.queues, &self.mem)
+                .unwrap();
         }
         fn backend_ready(&mut self) {
             self.net.backend_ready(&mut self.queues, &self.mem).unwrap();
@@ -452,20 +468,33 @@ mod tests {
         assert_eq!(net.queue_max_sizes(), &[256, 256]);
         let mut c = [0xaa; 10];
         net.read_config(0, &mut c);
-        assert_eq!(c, [2, 0, 0, 0, 0, 1, 1, 0, 0, 0], "MAC, status LINK_UP, zeros past the end");
+        assert_eq!(
+            c,
+            [2, 0, 0, 0, 0, 1, 1, 0, 0, 0],
+            "MAC, status LINK_UP, zeros past the end"
+        );
         let mut c = [0; 4];
         net.read_config(4, &mut c);
         assert_eq!(c, [0, 1, 1, 0]);
         let f = net.features();
-        assert_eq!(f & (feature::MAC | feature::STATUS), feature::MAC | feature::STATUS);
-        assert_eq!(f & (feature::MRG_RXBUF | feature::GUEST_UFO | feature::HOST_UFO), 0);
+        assert_eq!(
+            f & (feature::MAC | feature::STATUS),
+            feature::MAC | feature::STATUS
+        );
+        assert_eq!(
+            f & (feature::MRG_RXBUF | feature::GUEST_UFO | feature::HOST_UFO),
+            0
+        );
         assert!(!net.wants_input(), "no input before the driver is up");
     }
 
     #[test]
     fn activate_sets_the_backend_offloads() {
         let r = rig(feature::GUEST_CSUM | feature::GUEST_TSO4);
-        assert_eq!(r.net.backend.offloads, Some(feature::GUEST_CSUM | feature::GUEST_TSO4));
+        assert_eq!(
+            r.net.backend.offloads,
+            Some(feature::GUEST_CSUM | feature::GUEST_TSO4)
+        );
         assert!(r.net.wants_input());
     }
 
@@ -474,9 +503,18 @@ mod tests {
         let mut r = rig(ALL);
         let f = frame(HDR_F_NEEDS_CSUM, GSO_TCPV4, &[7u8; 3000]);
         r.mem.write(BUF, &f[..HDR_LEN]).unwrap();
-        r.mem.write(BUF + 0x1000, &f[HDR_LEN..HDR_LEN + 100]).unwrap();
+        r.mem
+            .write(BUF + 0x1000, &f[HDR_LEN..HDR_LEN + 100])
+            .unwrap();
         r.mem.write(BUF + 0x3000, &f[HDR_LEN + 100..]).unwrap();
-        let head = r.txq.add(&r.mem, &[(BUF, 12, false), (BUF + 0x1000, 100, false), (BUF + 0x3000, 2900, false)]);
+        let head = r.txq.add(
+            &r.mem,
+            &[
+                (BUF, 12, false),
+                (BUF + 0x1000, 100, false),
+                (BUF + 0x3000, 2900, false),
+            ],
+        );
         // A second frame, header and data in one buffer.
         let g = frame(0, 0, b"hello");
         r.mem.write(BUF + 0x8000, &g).unwrap();
@@ -495,27 +533,43 @@ mod tests {
         r.mem.write(BUF, &f).unwrap();
         let n = f.len() as u32;
         let chains: &[&[(u64, u32, bool)]] = &[
-            &[(BUF, n, false), (BUF + 0x1000, 64, true)],        // writable descriptor
-            &[(u64::MAX - 8, n, false)],                          // outside RAM, wrapping
-            &[(1 << 30, n, false)],                               // outside RAM
-            &[(BUF, u32::MAX, false), (BUF, u32::MAX, false)],    // huge lengths
-            &[(BUF, 11, false)],                                  // shorter than the header
-            &[(BUF, 0, false)],                                   // empty
-            &[(BUF, 0x10000, false), (BUF, MAX_FRAME as u32 - 0x10000 + 1, false)], // one byte too long
-            &[(BUF + 0x4000, 12, true)],                          // only writable
+            &[(BUF, n, false), (BUF + 0x1000, 64, true)], // writable descriptor
+            &[(u64::MAX - 8, n, false)],                  // outside RAM, wrapping
+            &[(1 << 30, n, false)],                       // outside RAM
+            &[(BUF, u32::MAX, false), (BUF, u32::MAX, false)], // huge lengths
+            &[(BUF, 11, false)],                          // shorter than the header
+            &[(BUF, 0, false)],                           // empty
+            &[
+                (BUF, 0x10000, false),
+                (BUF, MAX_FRAME as u32 - 0x10000 + 1, false),
+            ], // one byte too long
+            &[(BUF + 0x4000, 12, true)],                  // only writable
         ];
         for c in chains {
             r.txq.add(&r.mem, c);
         }
         // Offloads the guest did not negotiate: TSO without HOST_TSO4, ECN without TSO.
-        for (flags, gso) in [(0, GSO_TCPV4), (0, GSO_TCPV6 | GSO_ECN), (0, GSO_ECN), (0, 3)] {
+        for (flags, gso) in [
+            (0, GSO_TCPV4),
+            (0, GSO_TCPV6 | GSO_ECN),
+            (0, GSO_ECN),
+            (0, 3),
+        ] {
             let addr = BUF + 0x2000 + 0x100 * u64::from(gso);
             r.mem.write(addr, &frame(flags, gso, &[0; 8])).unwrap();
             r.txq.add(&r.mem, &[(addr, 20, false)]);
         }
         // Then a good one, exactly MAX_FRAME long over two buffers, with a partial checksum.
-        r.mem.write(BUF + 0x20000, &frame(HDR_F_NEEDS_CSUM, 0, &[])).unwrap();
-        r.txq.add(&r.mem, &[(BUF + 0x20000, 0x10000, false), (BUF + 0x30000, MAX_FRAME as u32 - 0x10000, false)]);
+        r.mem
+            .write(BUF + 0x20000, &frame(HDR_F_NEEDS_CSUM, 0, &[]))
+            .unwrap();
+        r.txq.add(
+            &r.mem,
+            &[
+                (BUF + 0x20000, 0x10000, false),
+                (BUF + 0x30000, MAX_FRAME as u32 - 0x10000, false),
+            ],
+        );
         r.notify(TX);
         let used = r.txq.used(&r.mem);
         assert_eq!(used.len(), chains.len() + 5);
@@ -532,7 +586,14 @@ mod tests {
         let f = frame(HDR_F_NEEDS_CSUM, GSO_TCPV6 | GSO_ECN, &[5; 5000]);
         r.net.backend.inbox.push_back(f.clone());
         // Linux's "big packets" layout: header alone, then page-sized pieces.
-        let head = r.rxq.add(&r.mem, &[(BUF, 12, true), (BUF + 0x1000, 4080, true), (BUF + 0x2000, 4096, true)]);
+        let head = r.rxq.add(
+            &r.mem,
+            &[
+                (BUF, 12, true),
+                (BUF + 0x1000, 4080, true),
+                (BUF + 0x2000, 4096, true),
+            ],
+        );
         r.backend_ready();
         assert_eq!(r.rxq.used(&r.mem), [(u32::from(head), f.len() as u32)]);
         let mut want = f.clone();
@@ -572,9 +633,16 @@ mod tests {
         }
         r.backend_ready();
         assert!(r.rxq.used(&r.mem).is_empty());
-        assert_eq!(r.net.backend.recvs, 1, "one frame read, the others left in the backend");
+        assert_eq!(
+            r.net.backend.recvs, 1,
+            "one frame read, the others left in the backend"
+        );
         assert!(!r.net.wants_input());
-        assert_eq!(r.rxq.avail_event(&r.mem), 0, "the driver is asked to notify");
+        assert_eq!(
+            r.rxq.avail_event(&r.mem),
+            0,
+            "the driver is asked to notify"
+        );
         // Readiness without buffers reads nothing more.
         r.backend_ready();
         assert_eq!(r.net.backend.recvs, 1);
@@ -601,7 +669,8 @@ mod tests {
         let mut r = rig(ALL);
         r.net.backend.inbox.push_back(frame(0, 0, &[1; 100]));
         r.net.backend.inbox.push_back(frame(0, 0, &[2; 50]));
-        r.rxq.add(&r.mem, &[(BUF, 12, true), (BUF + 0x1000, 50, true)]);
+        r.rxq
+            .add(&r.mem, &[(BUF, 12, true), (BUF + 0x1000, 50, true)]);
         r.rxq.add(&r.mem, &[(BUF + 0x2000, 62, true)]);
         r.backend_ready();
         assert_eq!(r.rxq.used(&r.mem), [(0, 0), (2, 62)]);
@@ -615,12 +684,12 @@ mod tests {
         // The guest accepted checksum offload only.
         let mut r = rig(feature::GUEST_CSUM);
         for f in [
-            vec![0; 11],                             // shorter than the header
-            vec![0; MAX_FRAME + 1],                  // did not fit the receive buffer
-            frame(0, GSO_TCPV4, &[0; 100]),          // TSO the guest did not accept
+            vec![0; 11],                                 // shorter than the header
+            vec![0; MAX_FRAME + 1],                      // did not fit the receive buffer
+            frame(0, GSO_TCPV4, &[0; 100]),              // TSO the guest did not accept
             frame(HDR_F_NEEDS_CSUM, GSO_ECN, &[0; 100]), // ECN without GSO
-            frame(0, 3, &[0; 100]),                  // UDP (UFO)
-            frame(HDR_F_NEEDS_CSUM, 0, &[9; 100]),   // fine
+            frame(0, 3, &[0; 100]),                      // UDP (UFO)
+            frame(HDR_F_NEEDS_CSUM, 0, &[9; 100]),       // fine
         ] {
             r.net.backend.inbox.push_back(f);
         }
@@ -632,7 +701,10 @@ mod tests {
 
         // Without GUEST_CSUM a partial checksum is refused too.
         let mut r = rig(0);
-        r.net.backend.inbox.push_back(frame(HDR_F_NEEDS_CSUM, 0, &[0; 100]));
+        r.net
+            .backend
+            .inbox
+            .push_back(frame(HDR_F_NEEDS_CSUM, 0, &[0; 100]));
         r.rxq.add(&r.mem, &[(BUF, 4096, true)]);
         r.backend_ready();
         assert!(r.rxq.used(&r.mem).is_empty());
@@ -643,10 +715,10 @@ mod tests {
     fn hostile_rx_chains_get_nothing() {
         let mut r = rig(ALL);
         let chains: &[&[(u64, u32, bool)]] = &[
-            &[(BUF, 4096, false)],                             // no writable buffer
-            &[(1 << 30, 4096, true)],                          // outside RAM
+            &[(BUF, 4096, false)],    // no writable buffer
+            &[(1 << 30, 4096, true)], // outside RAM
             &[(u64::MAX - 100, u32::MAX, true), (BUF, u32::MAX, true)], // wraps, huge
-            &[(BUF, 12, true), (0xf_ff00, 0x1000, true)],      // runs off the end of RAM
+            &[(BUF, 12, true), (0xf_ff00, 0x1000, true)], // runs off the end of RAM
         ];
         for c in chains {
             r.rxq.add(&r.mem, c);

@@ -62,23 +62,21 @@ pub struct Chain {
 }
 
 impl Chain {
+    fn readable_count(&self) -> usize {
+        self.descs.iter().take_while(|d| !d.writable).count()
+    }
+
     /// The device-readable part.
     pub fn reader(&self) -> Reader<'_> {
-        let n = self.descs.iter().take_while(|d| !d.writable).count();
         Reader {
-            descs: &self.descs[..n],
-            pos: 0,
-            off: 0,
+            cur: Cursor::new(&self.descs[..self.readable_count()]),
         }
     }
 
     /// The device-writable part.
     pub fn writer(&self) -> Writer<'_> {
-        let n = self.descs.iter().take_while(|d| !d.writable).count();
         Writer {
-            descs: &self.descs[n..],
-            pos: 0,
-            off: 0,
+            cur: Cursor::new(&self.descs[self.readable_count()..]),
             written: 0,
         }
     }
@@ -93,46 +91,74 @@ pub enum ChainError {
     Mem(#[from] MemError),
 }
 
-/// Sequential reads over the device-readable buffers of a chain.
+/// A position in a run of descriptors, handing out guest address spans in order.
 #[derive(Debug, Clone)]
-pub struct Reader<'a> {
+struct Cursor<'a> {
     descs: &'a [Descriptor],
     pos: usize,
     off: u32,
 }
 
+impl<'a> Cursor<'a> {
+    fn new(descs: &'a [Descriptor]) -> Self {
+        Cursor {
+            descs,
+            pos: 0,
+            off: 0,
+        }
+    }
+
+    fn remaining(&self) -> u64 {
+        let rest = self.descs.get(self.pos..).unwrap_or(&[]);
+        rest.iter().map(|d| u64::from(d.len)).sum::<u64>() - u64::from(self.off)
+    }
+
+    /// The next span of at most `max` bytes `(guest address, length)`, consumed; `None`
+    /// at the end. Zero-length descriptors are skipped.
+    fn next_span(&mut self, max: usize) -> Option<Result<(u64, usize), MemError>> {
+        loop {
+            let d = self.descs.get(self.pos)?;
+            let n = ((d.len - self.off) as usize).min(max);
+            let start = self.off;
+            self.off += n as u32;
+            if self.off == d.len {
+                self.pos += 1;
+                self.off = 0;
+            }
+            if n == 0 && max > 0 {
+                continue;
+            }
+            let span = d.addr.checked_add(u64::from(start)).map(|a| (a, n));
+            return Some(span.ok_or(MemError {
+                addr: d.addr,
+                len: u64::from(d.len),
+            }));
+        }
+    }
+}
+
+/// Sequential reads over the device-readable buffers of a chain.
+#[derive(Debug, Clone)]
+pub struct Reader<'a> {
+    cur: Cursor<'a>,
+}
+
 impl Reader<'_> {
     /// Bytes left to read.
     pub fn remaining(&self) -> u64 {
-        self.descs[self.pos.min(self.descs.len())..]
-            .iter()
-            .map(|d| u64::from(d.len))
-            .sum::<u64>()
-            - u64::from(self.off)
+        self.cur.remaining()
     }
 
     /// Read up to `buf.len()` bytes; returns how many (0 at the end).
     pub fn read(&mut self, mem: &dyn GuestMemory, buf: &mut [u8]) -> Result<usize, ChainError> {
         let mut done = 0;
         while done < buf.len() {
-            let Some(d) = self.descs.get(self.pos) else {
+            let Some(span) = self.cur.next_span(buf.len() - done) else {
                 break;
             };
-            let avail = (d.len - self.off) as usize;
-            let n = avail.min(buf.len() - done);
-            if n > 0 {
-                let addr = d.addr.checked_add(u64::from(self.off)).ok_or(MemError {
-                    addr: d.addr,
-                    len: u64::from(d.len),
-                })?;
-                mem.read(addr, &mut buf[done..done + n])?;
-            }
+            let (addr, n) = span?;
+            mem.read(addr, &mut buf[done..done + n])?;
             done += n;
-            self.off += n as u32;
-            if self.off == d.len {
-                self.pos += 1;
-                self.off = 0;
-            }
         }
         Ok(done)
     }
@@ -149,20 +175,14 @@ impl Reader<'_> {
 /// Sequential writes over the device-writable buffers of a chain.
 #[derive(Debug, Clone)]
 pub struct Writer<'a> {
-    descs: &'a [Descriptor],
-    pos: usize,
-    off: u32,
+    cur: Cursor<'a>,
     written: u32,
 }
 
 impl Writer<'_> {
     /// Room left.
     pub fn remaining(&self) -> u64 {
-        self.descs[self.pos.min(self.descs.len())..]
-            .iter()
-            .map(|d| u64::from(d.len))
-            .sum::<u64>()
-            - u64::from(self.off)
+        self.cur.remaining()
     }
 
     /// Bytes written so far (the `len` to put in the used ring).
@@ -174,25 +194,13 @@ impl Writer<'_> {
     pub fn write(&mut self, mem: &dyn GuestMemory, buf: &[u8]) -> Result<usize, ChainError> {
         let mut done = 0;
         while done < buf.len() {
-            let Some(d) = self.descs.get(self.pos) else {
+            let Some(span) = self.cur.next_span(buf.len() - done) else {
                 break;
             };
-            let avail = (d.len - self.off) as usize;
-            let n = avail.min(buf.len() - done);
-            if n > 0 {
-                let addr = d.addr.checked_add(u64::from(self.off)).ok_or(MemError {
-                    addr: d.addr,
-                    len: u64::from(d.len),
-                })?;
-                mem.write(addr, &buf[done..done + n])?;
-            }
+            let (addr, n) = span?;
+            mem.write(addr, &buf[done..done + n])?;
             done += n;
-            self.off += n as u32;
             self.written = self.written.saturating_add(n as u32);
-            if self.off == d.len {
-                self.pos += 1;
-                self.off = 0;
-            }
         }
         Ok(done)
     }
@@ -208,17 +216,15 @@ impl Writer<'_> {
     /// Skip `n` bytes (they count as written: the device leaves them as they are).
     pub fn skip(&mut self, mut n: u64) {
         while n > 0 {
-            let Some(d) = self.descs.get(self.pos) else {
+            let max = usize::try_from(n).unwrap_or(usize::MAX);
+            let Some(span) = self.cur.next_span(max) else {
                 return;
             };
-            let step = u64::from(d.len - self.off).min(n);
-            n -= step;
-            self.off += step as u32;
+            let Ok((_, step)) = span else {
+                return;
+            };
+            n -= step as u64;
             self.written = self.written.saturating_add(step as u32);
-            if self.off == d.len {
-                self.pos += 1;
-                self.off = 0;
-            }
         }
     }
 }
@@ -355,7 +361,12 @@ impl Queue {
     }
 
     /// Give a chain back to the driver, `len` bytes written into it.
-    pub fn add_used(&mut self, mem: &dyn GuestMemory, head: u16, len: u32) -> Result<(), QueueError> {
+    pub fn add_used(
+        &mut self,
+        mem: &dyn GuestMemory,
+        head: u16,
+        len: u32,
+    ) -> Result<(), QueueError> {
         let slot = u64::from(self.next_used % self.size);
         let mut elem = [0u8; 8];
         elem[..4].copy_from_slice(&u32::from(head).to_le_bytes());
@@ -366,6 +377,24 @@ impl Queue {
         fence(Ordering::Release);
         mem.store_u16(self.used_ring + 2, self.next_used)?;
         Ok(())
+    }
+
+    /// Hand every available chain to `handle` and return it with the length `handle`
+    /// reports written; then re-arm notifications, and go on while the driver added more.
+    pub fn process_all(
+        &mut self,
+        mem: &dyn GuestMemory,
+        mut handle: impl FnMut(&Chain) -> u32,
+    ) -> Result<(), QueueError> {
+        loop {
+            while let Some(chain) = self.pop(mem)? {
+                let len = handle(&chain);
+                self.add_used(mem, chain.head, len)?;
+            }
+            if !self.enable_notification(mem)? {
+                return Ok(());
+            }
+        }
     }
 
     /// Ask the driver to notify when it adds buffers (publishes `avail_event`), and
@@ -496,7 +525,10 @@ mod tests {
     #[test]
     fn buffers_outside_ram_fail_the_copy_only() {
         let (mem, mut dq, mut q) = setup(4);
-        dq.add(&mem, &[(u64::MAX - 2, 16, false), (1 << 30, u32::MAX, true)]);
+        dq.add(
+            &mem,
+            &[(u64::MAX - 2, 16, false), (1 << 30, u32::MAX, true)],
+        );
         let chain = q.pop(&mem).unwrap().unwrap();
         let mut buf = [0; 4];
         assert!(matches!(
@@ -514,7 +546,10 @@ mod tests {
     #[test]
     fn zero_length_descriptors_are_empty_buffers() {
         let (mem, mut dq, mut q) = setup(4);
-        dq.add(&mem, &[(0x8000, 0, false), (0x8000, 2, false), (0x9000, 0, true)]);
+        dq.add(
+            &mem,
+            &[(0x8000, 0, false), (0x8000, 2, false), (0x9000, 0, true)],
+        );
         mem.write(0x8000, b"ok").unwrap();
         let chain = q.pop(&mem).unwrap().unwrap();
         let mut buf = [0; 2];
@@ -540,7 +575,10 @@ mod tests {
         }
         // First decision always notifies; then used 2 does not pass event 2; used 3 does.
         assert_eq!(notes, [true, false, true]);
-        assert!(!q.needs_notification(&mem).unwrap(), "nothing new, no interrupt");
+        assert!(
+            !q.needs_notification(&mem).unwrap(),
+            "nothing new, no interrupt"
+        );
         // avail_event tells the driver where we are.
         assert!(!q.enable_notification(&mem).unwrap());
         assert_eq!(dq.avail_event(&mem), 3);

@@ -3,10 +3,15 @@
 
 use super::{device_type, DeviceError, GuestMemory, Queue, VirtioDevice};
 
+/// The entropy source failed; the request gets what was filled before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("entropy source failed")]
+pub struct EntropyError;
+
 /// Where the entropy comes from (the host's `getrandom` in native mode).
 pub trait EntropySource: Send {
     /// Fill `buf` completely, or fail.
-    fn fill(&mut self, buf: &mut [u8]) -> Result<(), ()>;
+    fn fill(&mut self, buf: &mut [u8]) -> Result<(), EntropyError>;
 }
 
 /// At most this many bytes per request: Linux asks for 64 at a time, and a guest that
@@ -47,27 +52,25 @@ impl<E: EntropySource> VirtioDevice for Rng<E> {
         queues: &mut [Queue],
         mem: &dyn GuestMemory,
     ) -> Result<(), DeviceError> {
-        let q = &mut queues[0];
-        loop {
-            while let Some(chain) = q.pop(mem)? {
-                let mut w = chain.writer();
-                let mut chunk = [0u8; CHUNK];
-                while (w.written() as usize) < MAX_FILL && w.remaining() > 0 {
-                    let n = (w.remaining() as usize).min(CHUNK).min(MAX_FILL - w.written() as usize);
-                    if self.source.fill(&mut chunk[..n]).is_err() {
-                        break;
-                    }
-                    // A buffer outside RAM ends the fill; what was written stands.
-                    if w.write(mem, &chunk[..n]).is_err() {
-                        break;
-                    }
+        let source = &mut self.source;
+        queues[0].process_all(mem, |chain| {
+            let mut w = chain.writer();
+            let mut chunk = [0u8; CHUNK];
+            while (w.written() as usize) < MAX_FILL && w.remaining() > 0 {
+                let n = (w.remaining() as usize)
+                    .min(CHUNK)
+                    .min(MAX_FILL - w.written() as usize);
+                if source.fill(&mut chunk[..n]).is_err() {
+                    break;
                 }
-                q.add_used(mem, chain.head, w.written())?;
+                // A buffer outside RAM ends the fill; what was written stands.
+                if w.write(mem, &chunk[..n]).is_err() {
+                    break;
+                }
             }
-            if !q.enable_notification(mem)? {
-                return Ok(());
-            }
-        }
+            w.written()
+        })?;
+        Ok(())
     }
 }
 
@@ -79,7 +82,7 @@ mod tests {
 
     struct Counter(u8);
     impl EntropySource for Counter {
-        fn fill(&mut self, buf: &mut [u8]) -> Result<(), ()> {
+        fn fill(&mut self, buf: &mut [u8]) -> Result<(), EntropyError> {
             for b in buf {
                 self.0 = self.0.wrapping_add(1);
                 *b = self.0;

@@ -42,7 +42,15 @@ impl DriverQueue {
         q.ready = true;
     }
 
-    fn write_desc(&self, mem: &dyn GuestMemory, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+    fn write_desc(
+        &self,
+        mem: &dyn GuestMemory,
+        i: u16,
+        addr: u64,
+        len: u32,
+        flags: u16,
+        next: u16,
+    ) {
         let mut raw = [0u8; 16];
         raw[0..8].copy_from_slice(&addr.to_le_bytes());
         raw[8..12].copy_from_slice(&len.to_le_bytes());
@@ -94,11 +102,13 @@ impl DriverQueue {
     }
 
     pub fn set_used_event(&self, mem: &dyn GuestMemory, idx: u16) {
-        mem.store_u16(self.avail + 4 + 2 * u64::from(self.size), idx).unwrap();
+        mem.store_u16(self.avail + 4 + 2 * u64::from(self.size), idx)
+            .unwrap();
     }
 
     pub fn avail_event(&self, mem: &dyn GuestMemory) -> u16 {
-        mem.load_u16(self.used + 4 + 8 * u64::from(self.size)).unwrap()
+        mem.load_u16(self.used + 4 + 8 * u64::from(self.size))
+            .unwrap()
     }
 
     /// The used elements `(id, len)` added since the last call.

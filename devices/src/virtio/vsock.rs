@@ -296,7 +296,9 @@ impl<B: VsockBackend> Vsock<B> {
             hdr.len = n as u32;
             let mut w = chain.writer();
             // Checked above, so these cannot fail short; if they do, the used length says so.
-            let _ = w.write_all(mem, &hdr.to_bytes()).and_then(|()| w.write_all(mem, &self.buf[..n]));
+            let _ = w
+                .write_all(mem, &hdr.to_bytes())
+                .and_then(|()| w.write_all(mem, &self.buf[..n]));
             rx.add_used(mem, chain.head, w.written())?;
         }
         Ok(())
@@ -358,7 +360,11 @@ impl<B: VsockBackend> VirtioDevice for Vsock<B> {
         self.fill_rx(rx, mem)
     }
 
-    fn backend_ready(&mut self, queues: &mut [Queue], mem: &dyn GuestMemory) -> Result<(), DeviceError> {
+    fn backend_ready(
+        &mut self,
+        queues: &mut [Queue],
+        mem: &dyn GuestMemory,
+    ) -> Result<(), DeviceError> {
         let [rx, _tx, _event] = queues else {
             return Ok(());
         };
@@ -420,7 +426,11 @@ mod tests {
         let rxq = DriverQueue::new(16, 0);
         let txq = DriverQueue::new(16, 0x4000);
         let evq = DriverQueue::new(16, 0x8000);
-        let mut queues = [Queue::new(QUEUE_SIZE), Queue::new(QUEUE_SIZE), Queue::new(QUEUE_SIZE)];
+        let mut queues = [
+            Queue::new(QUEUE_SIZE),
+            Queue::new(QUEUE_SIZE),
+            Queue::new(QUEUE_SIZE),
+        ];
         rxq.configure(&mut queues[0]);
         txq.configure(&mut queues[1]);
         evq.configure(&mut queues[2]);
@@ -455,20 +465,27 @@ mod tests {
         /// Post `bufs` on the tx queue and kick it.
         fn tx(&mut self, bufs: &[(u64, u32, bool)]) {
             self.txq.add(&self.mem, bufs);
-            self.dev.queue_notify(TX_QUEUE, &mut self.queues, &self.mem).unwrap();
+            self.dev
+                .queue_notify(TX_QUEUE, &mut self.queues, &self.mem)
+                .unwrap();
             assert_eq!(self.txq.used(&self.mem).len(), 1);
         }
 
         fn tx_packet(&mut self, hdr: &PacketHeader, payload: &[u8]) {
             self.mem.write(0x10000, &hdr.to_bytes()).unwrap();
             self.mem.write(0x20000, payload).unwrap();
-            self.tx(&[(0x10000, HDR_LEN as u32, false), (0x20000, payload.len() as u32, false)]);
+            self.tx(&[
+                (0x10000, HDR_LEN as u32, false),
+                (0x20000, payload.len() as u32, false),
+            ]);
         }
 
         /// Post one rx buffer of `len` bytes at `addr` and kick the rx queue.
         fn rx_buffer(&mut self, addr: u64, len: u32) {
             self.rxq.add(&self.mem, &[(addr, len, true)]);
-            self.dev.queue_notify(RX_QUEUE, &mut self.queues, &self.mem).unwrap();
+            self.dev
+                .queue_notify(RX_QUEUE, &mut self.queues, &self.mem)
+                .unwrap();
         }
 
         fn read_packet(&self, addr: u64) -> (PacketHeader, Vec<u8>) {
@@ -540,7 +557,13 @@ mod tests {
         r.rx_buffer(0x40000, (HDR_LEN + 4096) as u32);
         r.rx_buffer(0x50000, (HDR_LEN + 4096) as u32);
         let used = r.rxq.used(&r.mem);
-        assert_eq!(used, [(0, (HDR_LEN + 4096) as u32), (1, (HDR_LEN + 6000 - 4096) as u32)]);
+        assert_eq!(
+            used,
+            [
+                (0, (HDR_LEN + 4096) as u32),
+                (1, (HDR_LEN + 6000 - 4096) as u32)
+            ]
+        );
         let (h1, p1) = r.read_packet(0x40000);
         let (h2, p2) = r.read_packet(0x50000);
         assert_eq!((h1.op, h1.len, h1.dst_port), (op::RW, 4096, 1000));
@@ -556,7 +579,10 @@ mod tests {
         assert!(r.rxq.used(&r.mem).is_empty());
         assert!(r.dev.held_rx.is_some());
         r.dev.backend_mut().liar = false;
-        r.dev.backend_mut().outbox.push_back((stream(op::RESPONSE, 1, 2, 0), vec![]));
+        r.dev
+            .backend_mut()
+            .outbox
+            .push_back((stream(op::RESPONSE, 1, 2, 0), vec![]));
         r.dev.backend_ready(&mut r.queues, &r.mem).unwrap();
         assert_eq!(r.rxq.used(&r.mem), [(0, HDR_LEN as u32)]);
         assert_eq!(r.read_packet(0x40000).0.op, op::RESPONSE);
@@ -572,7 +598,9 @@ mod tests {
     fn malformed_packets_are_dropped_or_reset() {
         let mut r = rig();
         // Short header: dropped, nothing sent anywhere.
-        r.mem.write(0x10000, &stream(op::RW, 1, 2, 0).to_bytes()).unwrap();
+        r.mem
+            .write(0x10000, &stream(op::RW, 1, 2, 0).to_bytes())
+            .unwrap();
         r.tx(&[(0x10000, 20, false)]);
         // No readable part at all.
         r.tx(&[(0x10000, 64, true)]);
@@ -584,13 +612,19 @@ mod tests {
         assert!(r.dev.replies.is_empty());
 
         // len larger than the payload: RST to the backend and to the guest.
-        r.mem.write(0x10000, &stream(op::RW, 10, 52, 100).to_bytes()).unwrap();
+        r.mem
+            .write(0x10000, &stream(op::RW, 10, 52, 100).to_bytes())
+            .unwrap();
         r.tx(&[(0x10000, HDR_LEN as u32 + 10, false)]);
         // Huge len.
-        r.mem.write(0x10000, &stream(op::RW, 11, 52, u32::MAX).to_bytes()).unwrap();
+        r.mem
+            .write(0x10000, &stream(op::RW, 11, 52, u32::MAX).to_bytes())
+            .unwrap();
         r.tx(&[(0x10000, HDR_LEN as u32, false), (0x20000, u32::MAX, false)]);
         // Payload outside guest RAM.
-        r.mem.write(0x10000, &stream(op::RW, 12, 52, 16).to_bytes()).unwrap();
+        r.mem
+            .write(0x10000, &stream(op::RW, 12, 52, 16).to_bytes())
+            .unwrap();
         r.tx(&[(0x10000, HDR_LEN as u32, false), (1 << 40, 16, false)]);
         let sent = &r.dev.backend().sent;
         assert_eq!(sent.len(), 3);
@@ -617,9 +651,16 @@ mod tests {
         }
         let used = r.rxq.used(&r.mem);
         assert_eq!(used.len(), 5);
-        let replies: Vec<PacketHeader> = (0..5).map(|i| r.read_packet(0x40000 + i * 0x1000).0).collect();
-        assert!(replies.iter().all(|h| h.op == op::RST && h.dst_cid == CID && h.len == 0));
-        assert_eq!(replies.iter().map(|h| h.dst_port).collect::<Vec<_>>(), [10, 11, 12, 20, 21]);
+        let replies: Vec<PacketHeader> = (0..5)
+            .map(|i| r.read_packet(0x40000 + i * 0x1000).0)
+            .collect();
+        assert!(replies
+            .iter()
+            .all(|h| h.op == op::RST && h.dst_cid == CID && h.len == 0));
+        assert_eq!(
+            replies.iter().map(|h| h.dst_port).collect::<Vec<_>>(),
+            [10, 11, 12, 20, 21]
+        );
         assert_eq!(replies[4].src_cid, 9);
         assert_eq!(replies[3].type_, 2);
     }
@@ -627,7 +668,10 @@ mod tests {
     #[test]
     fn hostile_rx_buffers_do_not_eat_packets() {
         let mut r = rig();
-        r.dev.backend_mut().outbox.push_back((stream(op::RESPONSE, 1, 2, 0), vec![]));
+        r.dev
+            .backend_mut()
+            .outbox
+            .push_back((stream(op::RESPONSE, 1, 2, 0), vec![]));
         // Too small for a header, then outside RAM: both come back empty.
         r.rx_buffer(0x40000, 10);
         r.rx_buffer(1 << 40, 4096);

@@ -26,7 +26,8 @@ use std::process::ExitCode;
 use std::thread;
 use std::time::{Duration, Instant};
 
-const USAGE: &str = "usage: vsock-peer connect UDS_PATH PORT [WAIT_SECS]\n       vsock-peer listen UDS_PATH_PORT";
+const USAGE: &str =
+    "usage: vsock-peer connect UDS_PATH PORT [WAIT_SECS]\n       vsock-peer listen UDS_PATH_PORT";
 
 enum Failure {
     Usage(String),
@@ -78,7 +79,8 @@ fn run(args: &[String]) -> Result<(), Failure> {
         }
         ["listen", path] => {
             let path = PathBuf::from(path);
-            let listener = UnixListener::bind(&path).map_err(io_err(format!("listen on {}", path.display())))?;
+            let listener = UnixListener::bind(&path)
+                .map_err(io_err(format!("listen on {}", path.display())))?;
             let _cleanup = RemoveOnDrop(path.clone());
             let (stream, _) = listener
                 .accept()
@@ -102,7 +104,8 @@ impl Drop for RemoveOnDrop {
 fn connect(path: &Path, port: u32, wait: Duration) -> Result<UnixStream, Failure> {
     let deadline = Instant::now() + wait;
     loop {
-        let mut s = UnixStream::connect(path).map_err(io_err(format!("connect to {}", path.display())))?;
+        let mut s =
+            UnixStream::connect(path).map_err(io_err(format!("connect to {}", path.display())))?;
         s.write_all(format!("CONNECT {port}\n").as_bytes())
             .map_err(io_err("send CONNECT"))?;
         // Byte by byte: whatever follows the line is the guest's data.
@@ -126,12 +129,16 @@ fn connect(path: &Path, port: u32, wait: Duration) -> Result<UnixStream, Failure
                 .strip_prefix("OK ")
                 .is_some_and(|p| p.trim_end_matches('\r').parse::<u32>().is_ok());
             if !ok {
-                return Err(Failure::Refused(format!("unexpected answer from the muxer: {text:?}")));
+                return Err(Failure::Refused(format!(
+                    "unexpected answer from the muxer: {text:?}"
+                )));
             }
             return Ok(s);
         }
         if Instant::now() >= deadline {
-            return Err(Failure::Refused(format!("guest port {port} refused the connection")));
+            return Err(Failure::Refused(format!(
+                "guest port {port} refused the connection"
+            )));
         }
         thread::sleep(Duration::from_millis(100));
     }
@@ -150,7 +157,9 @@ fn bridge(stream: UnixStream) -> Result<(), Failure> {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(Failure::Io("read stdin".into(), e)),
             };
-            to_peer.write_all(&buf[..n]).map_err(io_err("write to the socket"))?;
+            to_peer
+                .write_all(&buf[..n])
+                .map_err(io_err("write to the socket"))?;
         }
         // The peer may be gone already; that shows on the other direction.
         let _ = to_peer.shutdown(Shutdown::Write);
