@@ -200,7 +200,9 @@ impl<B: BlockBackend> Block<B> {
         if segs == 0 || !r.remaining().is_multiple_of(16) || segs > u64::from(MAX_DISCARD_SEG) {
             return status::IOERR;
         }
-        for _ in 0..segs {
+        // Check every segment before discarding any: a request fails as a whole.
+        let mut ranges = [(0u64, 0u64); MAX_DISCARD_SEG as usize];
+        for range in ranges.iter_mut().take(segs as usize) {
             let mut seg = [0u8; 16];
             if r.read_exact(mem, &mut seg).is_err() {
                 return status::IOERR;
@@ -214,7 +216,10 @@ impl<B: BlockBackend> Block<B> {
             let Some(offset) = self.range(sector, count * SECTOR_SIZE) else {
                 return status::IOERR;
             };
-            match self.backend.discard(offset, count * SECTOR_SIZE) {
+            *range = (offset, count * SECTOR_SIZE);
+        }
+        for &(offset, len) in &ranges[..segs as usize] {
+            match self.backend.discard(offset, len) {
                 Ok(()) => {}
                 Err(BackendError::Unsupported) => return status::UNSUPP,
                 Err(BackendError::Io) => return status::IOERR,
@@ -261,15 +266,22 @@ impl<B: BlockBackend> VirtioDevice for Block<B> {
         mem: &dyn GuestMemory,
     ) -> Result<(), DeviceError> {
         queues[0].process_all(mem, |chain| match status_byte(chain) {
+            // Nowhere to put a status: hand the buffers back untouched.
+            None => 0,
+            Some((status_addr, _)) if !mem.check_range(status_addr, 1) => 0,
             Some((status_addr, data_in)) => {
-                let (st, written) = self.execute(mem, chain, data_in);
+                // Every buffer must be in guest RAM before any I/O, so that a request
+                // either happens as a whole or fails without touching the disk.
+                let (st, written) = if chain.descs.iter().all(|d| mem.check_range(d.addr, u64::from(d.len))) {
+                    self.execute(mem, chain, data_in)
+                } else {
+                    (status::IOERR, 0)
+                };
                 match mem.write(status_addr, &[st]) {
-                    Ok(()) => written as u32 + 1,
+                    Ok(()) => u32::try_from(written + 1).unwrap_or(u32::MAX),
                     Err(_) => 0,
                 }
             }
-            // Nowhere to put a status: hand the buffers back untouched.
-            None => 0,
         })?;
         Ok(())
     }
