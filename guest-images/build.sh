@@ -15,8 +15,8 @@
 # out/minimal/System.map, out/cloud/modules.txt).
 #
 # Both initramfs images hold busybox (Debian busybox-static), /init (./init),
-# /usr/bin/vmm-exit (./vmm-exit), /usr/bin/outb (./tools/outb.c) and
-# /usr/bin/vsock (./tools/vsock.c).
+# /usr/bin/vmm-exit (./vmm-exit), /usr/bin/outb (./tools/outb.c),
+# /usr/bin/vsock (./tools/vsock.c) and /usr/bin/hostile (./tools/hostile.c).
 # Downloads and build trees live in cache/. Nothing is installed on the host.
 # Each output carries a stamp with a hash of its inputs (config, scripts,
 # package versions, the build code itself); up-to-date outputs are skipped.
@@ -146,6 +146,11 @@ build_vsock() {
     gcc -Os -static -Wall -Wextra -Werror -s -o "$1" "$HERE/tools/vsock.c"
 }
 
+# build_hostile DEST: the hostile virtio driver (tools/hostile.c), static glibc.
+build_hostile() {
+    gcc -Os -static -Wall -Wextra -Werror -s -o "$1" "$HERE/tools/hostile.c"
+}
+
 # newc_entry NAME MODE(octal) RDEVMAJOR RDEVMINOR INO: one header-only
 # cpio "newc" entry (a directory or device node), so the archives carry
 # /dev/console without mknod (no root, no fakeroot needed).
@@ -158,8 +163,8 @@ newc_entry() {
 }
 
 # make_initramfs KIND OUTFILE [MODROOT KVER MODPATH...]: busybox, /init,
-# vmm-exit, outb and (cloud) the given modules, as a gzipped newc cpio
-# archive owned by root.
+# vmm-exit, outb, vsock, hostile and (cloud) the given modules, as a gzipped
+# newc cpio archive owned by root.
 make_initramfs() {
     local kind=$1 outfile=$2 bbroot stage applet m
     shift 2
@@ -183,6 +188,7 @@ make_initramfs() {
     install -m 0755 "$HERE/vmm-exit" "$stage/usr/bin/vmm-exit"
     build_outb "$stage/usr/bin/outb"
     build_vsock "$stage/usr/bin/vsock"
+    build_hostile "$stage/usr/bin/hostile"
 
     printf 'root:x:0:0:root:/root:/bin/sh\n' >"$stage/etc/passwd"
     printf 'root:x:0:\ntty:x:5:\n' >"$stage/etc/group"
@@ -334,7 +340,7 @@ build_minimal_initramfs() {
     stamp=$OUT/minimal/.initramfs.stamp
     bbdeb=$(fetch_deb "$DEBS" busybox-static) || die "cannot fetch busybox-static"
     hash=$(hash_inputs "$HERE/init" "$HERE/vmm-exit" "$HERE/tools/outb.c" "${bbdeb##*/}" \
-        "$HERE/tools/vsock.c" fn:build_vsock \
+        "$HERE/tools/vsock.c" fn:build_vsock "$HERE/tools/hostile.c" fn:build_hostile \
         fn:make_initramfs fn:newc_entry fn:build_outb fn:build_minimal_initramfs)
     if up_to_date "$stamp" "$hash" "$OUT/minimal/initramfs.cpio.gz"; then
         say "minimal initramfs: up to date"
@@ -432,6 +438,7 @@ build_cloud() {
     bbdeb=$(fetch_deb "$DEBS" busybox-static) || die "cannot fetch busybox-static"
     hash=$(hash_inputs "${deb##*/}" "${bbdeb##*/}" "$HERE/init" "$HERE/vmm-exit" \
         "$HERE/tools/outb.c" "$HERE/tools/vsock.c" fn:build_vsock \
+        "$HERE/tools/hostile.c" fn:build_hostile \
         "${CLOUD_MODULES[*]}" fn:build_cloud fn:make_initramfs \
         fn:newc_entry fn:build_outb fn:resolve_modules fn:modname)
     if up_to_date "$istamp" "$hash" "$OUT/cloud/initramfs.cpio.gz"; then
