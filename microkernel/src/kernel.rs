@@ -167,8 +167,18 @@ impl<M: Machine> Kernel<M> {
     }
 }
 
-#[cfg(test)]
+#[cfg(any(test, feature = "invariants"))]
 impl<M: Machine> Kernel<M> {
+    /// The ids of all live threads, in table order.
+    pub fn live_threads(&self) -> Vec<ThreadId> {
+        self.threads.iter().filter(|t| t.state != State::Free).map(|t| t.id).collect()
+    }
+
+    /// Every mapping in the database as `(task, vpn, pfn, rights)`, in page-table order.
+    pub fn mappings(&self) -> Vec<(TaskId, u64, u64, Rights)> {
+        self.mapdb.entries()
+    }
+
     /// Check the consistency of all kernel state; panics on violation.
     pub fn check(&self) {
         use crate::thread::{Peer, Receive};

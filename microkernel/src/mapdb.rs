@@ -386,7 +386,7 @@ impl MapDb {
     }
 }
 
-#[cfg(test)]
+#[cfg(any(test, feature = "invariants"))]
 impl MapDb {
     /// Every mapping as `(task, vpn, pfn, rights)`, in page-table order.
     pub fn entries(&self) -> Vec<(TaskId, u64, u64, Rights)> {
@@ -400,6 +400,7 @@ impl MapDb {
     }
 
     /// The pages holding mappings derived from the one at `at` (not `at` itself).
+    #[cfg(test)]
     pub fn derived(&self, at: At) -> Vec<At> {
         let mut out = Vec::new();
         let Some(top) = self.node_at(at) else {
@@ -414,6 +415,7 @@ impl MapDb {
     }
 
     /// Whether the mapping at `at` is the one at `ancestor` or derived from it.
+    #[cfg(test)]
     pub fn derives_from(&self, at: At, ancestor: At) -> bool {
         match (self.node_at(at), self.node_at(ancestor)) {
             (Some(n), Some(a)) => self.is_ancestor_or_self(a, n),
@@ -422,6 +424,7 @@ impl MapDb {
     }
 
     /// Whether the mapping at `at` is a root (frame owner).
+    #[cfg(test)]
     pub fn is_root(&self, at: At) -> bool {
         self.node_at(at).is_some_and(|n| self.nodes[n].parent.is_none())
     }

@@ -82,7 +82,7 @@ impl Sched {
         Some(i)
     }
 
-    #[cfg(test)]
+    #[cfg(any(test, feature = "invariants"))]
     pub fn armed(&self, i: usize, deadline: Option<u64>) -> bool {
         deadline.is_some_and(|d| self.timeouts.contains(&(d, i)))
     }

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use linux_loader::cmdline::Cmdline;
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header, XLF_KERNEL_64};
 use linux_loader::loader::{self, KernelLoader};
-use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemoryMmap, ReadVolatile};
 
 use crate::layout::*;
 
@@ -92,7 +92,7 @@ pub struct LoadedKernel {
 }
 
 /// Identify a kernel image by its magic numbers without loading it.
-pub fn detect_format(file: &mut File) -> std::io::Result<Option<KernelFormat>> {
+pub fn detect_format<R: Read + Seek>(file: &mut R) -> std::io::Result<Option<KernelFormat>> {
     let mut head = [0u8; 0x206];
     file.seek(SeekFrom::Start(0))?;
     let n = read_up_to(file, &mut head)?;
@@ -111,16 +111,34 @@ pub fn detect_format(file: &mut File) -> std::io::Result<Option<KernelFormat>> {
 /// says: the quick checks that need no KVM, so a bad path or file is reported first.
 pub fn check_kernel_file(path: &Path) -> Result<KernelFormat, BootError> {
     let mut file = open("kernel image", path)?;
+    let len = file
+        .metadata()
+        .map_err(|source| BootError::Open {
+            what: "kernel image",
+            path: path.into(),
+            source,
+        })?
+        .len();
+    check_kernel_image(&mut file, len, path)
+}
+
+/// `check_kernel_file` on an image already open (`len` bytes long; `path` names it in
+/// errors).
+pub fn check_kernel_image<R: Read + Seek>(
+    file: &mut R,
+    len: u64,
+    path: &Path,
+) -> Result<KernelFormat, BootError> {
     let io_err = |source| BootError::Open {
         what: "kernel image",
         path: path.into(),
         source,
     };
-    let format = detect_format(&mut file)
+    let format = detect_format(file)
         .map_err(io_err)?
         .ok_or_else(|| BootError::NotAKernel(path.into()))?;
     if format == KernelFormat::BzImage {
-        let hdr = read_setup_header(&mut file).map_err(|source| BootError::Load {
+        let hdr = read_setup_header(file).map_err(|source| BootError::Load {
             path: path.into(),
             source,
         })?;
@@ -130,11 +148,10 @@ pub fn check_kernel_file(path: &Path) -> Result<KernelFormat, BootError> {
             u64::from(hdr.setup_sects)
         };
         let expected = (setup_sects + 1) * 512 + u64::from(hdr.syssize) * 16;
-        let actual = file.metadata().map_err(io_err)?.len();
-        if actual < expected {
+        if len < expected {
             return Err(BootError::Truncated {
                 path: path.into(),
-                actual,
+                actual: len,
                 expected,
             });
         }
@@ -142,7 +159,7 @@ pub fn check_kernel_file(path: &Path) -> Result<KernelFormat, BootError> {
     Ok(format)
 }
 
-fn read_up_to(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+fn read_up_to<R: Read>(file: &mut R, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut n = 0;
     while n < buf.len() {
         match file.read(&mut buf[n..])? {
@@ -173,7 +190,20 @@ pub fn load_kernel(
     path: &Path,
 ) -> Result<LoadedKernel, BootError> {
     let mut file = open("kernel image", path)?;
-    let format = detect_format(&mut file)
+    let file_len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    load_kernel_image(mem, mem_size, &mut file, file_len, path)
+}
+
+/// `load_kernel` from an image already open (`file_len` bytes long; `path` names it in
+/// errors).
+pub fn load_kernel_image<R: Read + ReadVolatile + Seek>(
+    mem: &GuestMemoryMmap,
+    mem_size: u64,
+    file: &mut R,
+    file_len: u64,
+    path: &Path,
+) -> Result<LoadedKernel, BootError> {
+    let format = detect_format(file)
         .map_err(|source| BootError::Open {
             what: "kernel image",
             path: path.into(),
@@ -194,7 +224,7 @@ pub fn load_kernel(
 
     match format {
         KernelFormat::BzImage => {
-            let hdr = read_setup_header(&mut file).map_err(load_err)?;
+            let hdr = read_setup_header(file).map_err(load_err)?;
             if hdr.xloadflags & XLF_KERNEL_64 == 0 {
                 return Err(BootError::Not64Bit(path.into()));
             }
@@ -204,14 +234,13 @@ pub fn load_kernel(
             if load + init_size > low_end {
                 return Err(too_big(init_size, load));
             }
-            let file_len = file.metadata().map(|m| m.len()).unwrap_or(0);
             if load + file_len > low_end {
                 return Err(too_big(file_len, load));
             }
             let r = linux_loader::loader::bzimage::BzImage::load(
                 mem,
                 Some(GuestAddress(load)),
-                &mut file,
+                file,
                 Some(GuestAddress(HIMEM_START)),
             )
             .map_err(load_err)?;
@@ -226,7 +255,7 @@ pub fn load_kernel(
             let r = linux_loader::loader::elf::Elf::load(
                 mem,
                 None,
-                &mut file,
+                file,
                 Some(GuestAddress(HIMEM_START)),
             )
             .map_err(load_err)?;
@@ -243,7 +272,7 @@ pub fn load_kernel(
 }
 
 /// Read the bzImage setup header at 0x1f1, checking only what loading needs.
-fn read_setup_header(file: &mut File) -> Result<setup_header, loader::Error> {
+fn read_setup_header<R: Read + Seek>(file: &mut R) -> Result<setup_header, loader::Error> {
     let mut hdr = setup_header::default();
     file.seek(SeekFrom::Start(0x1f1))
         .map_err(|_| loader::Error::Bzimage(loader::bzimage::Error::SeekBzImageHeader))?;

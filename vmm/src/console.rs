@@ -17,6 +17,7 @@ use devices::serial::SerialConsole;
 use vmm_sys_util::terminal::Terminal;
 
 use crate::irq::IrqTrigger;
+use crate::seccomp::{Sandbox, ThreadKind};
 use crate::vm::{Outcome, VmState};
 
 /// The console UART as the vCPU threads and the stdin reader share it.
@@ -121,13 +122,18 @@ impl Drop for TerminalGuard {
     }
 }
 
-/// Start the thread that moves stdin into the console.
+/// Start the thread that moves stdin into the console. It enters `sandbox` (its
+/// seccomp filter) before it reads anything.
 pub fn spawn_stdin_reader(
     console: Console,
     state: Arc<VmState>,
     interactive: bool,
+    sandbox: Arc<Sandbox>,
 ) -> io::Result<()> {
     thread::Builder::new().name("stdin".into()).spawn(move || {
+        if !sandbox.enter(ThreadKind::Stdin) {
+            return;
+        }
         let mut stdin = io::stdin().lock();
         let mut buf = [0u8; 4096];
         let mut escape = EscapeParser::default();

@@ -5,7 +5,7 @@
 //! Module map: `layout` (guest physical memory map), `boot` (kernel/initrd/zero page),
 //! `acpi` (tables), `cpuid` and `regs` (vCPU state), `vm` (building and running a guest),
 //! `bus`, `irq` and `virtio` (devices: port bus, irqfds, virtio-mmio bus, event loop), `mk` (VM0: the embedded microkernel), `console` (terminal and stdin), `pvm` (kvm-pvm
-//! quirks), `size` (memory-size parsing).
+//! quirks), `size` (memory-size parsing), `seccomp` (per-thread system-call filters).
 
 pub mod acpi;
 pub mod boot;
@@ -17,6 +17,7 @@ pub mod layout;
 pub mod mk;
 pub mod pvm;
 pub mod regs;
+pub mod seccomp;
 pub mod size;
 pub mod virtio;
 pub mod vm;

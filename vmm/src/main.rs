@@ -89,6 +89,12 @@ struct Cli {
     /// Leave out the virtio-rng device (on by default; fed from the host's getrandom).
     #[arg(long)]
     no_rng: bool,
+
+    /// Run without the per-thread seccomp filters (for debugging; a system call outside
+    /// a thread's allow-list otherwise ends the vmm with SIGSYS). `--microkernel` mode
+    /// installs no filters yet.
+    #[arg(long)]
+    no_seccomp: bool,
 }
 
 fn validate(cli: &Cli) -> Result<VmConfig, VmmError> {
@@ -136,6 +142,7 @@ fn validate(cli: &Cli) -> Result<VmConfig, VmmError> {
             vsock: cli.vsock.clone(),
             rng: !cli.no_rng,
         },
+        seccomp: !cli.no_seccomp,
     })
 }
 

@@ -40,6 +40,7 @@ use devices::virtio::{Interrupt, VirtioDevice};
 use crate::acpi::MmioDeviceInfo;
 use crate::irq::IrqTrigger;
 use crate::layout::*;
+use crate::seccomp::{Sandbox, ThreadKind};
 use crate::vm::kvm_err;
 use crate::VmmError;
 
@@ -304,6 +305,13 @@ pub fn prepare(cfg: &DeviceConfig) -> Result<Prepared, VmmError> {
     Ok(Prepared { devices })
 }
 
+impl Prepared {
+    /// No devices: `attach` starts no event-loop thread.
+    pub fn is_empty(&self) -> bool {
+        self.devices.is_empty()
+    }
+}
+
 // ---------------------------------------------------------------------------------
 // The bus the vCPUs see
 
@@ -352,11 +360,13 @@ impl MmioBus {
 }
 
 /// Give the devices guest memory, an irqfd each and an ioeventfd per queue, start the
-/// event loop, and return the bus and the devices' ACPI descriptions.
+/// event loop, and return the bus and the devices' ACPI descriptions. The event-loop
+/// thread (started only if there are devices) enters `sandbox` before its first event.
 pub fn attach(
     vm: &VmFd,
     mem: &GuestMemoryMmap,
     prepared: Prepared,
+    sandbox: &Arc<Sandbox>,
 ) -> Result<(MmioBus, Vec<MmioDeviceInfo>), VmmError> {
     let mut bus = MmioBus::default();
     let mut infos = Vec::new();
@@ -397,9 +407,14 @@ pub fn attach(
     }
     if !looped.is_empty() {
         let event_loop = EventLoop::new(looped).map_err(VmmError::Io)?;
+        let sandbox = sandbox.clone();
         thread::Builder::new()
             .name("virtio".into())
-            .spawn(move || event_loop.run())
+            .spawn(move || {
+                if sandbox.enter(ThreadKind::EventLoop) {
+                    event_loop.run()
+                }
+            })
             .map_err(VmmError::Io)?;
     }
     Ok((bus, infos))

@@ -20,6 +20,7 @@ use crate::bus::PioBus;
 use crate::console::{self, Console, PanicWatch, TerminalGuard};
 use crate::irq::IrqTrigger;
 use crate::layout::{self, *};
+use crate::seccomp::{Sandbox, ThreadKind};
 use crate::virtio::{self, DeviceConfig, MmioBus};
 use crate::{acpi, boot, cpuid, pvm, regs, VmmError};
 
@@ -32,6 +33,8 @@ pub struct VmConfig {
     pub mem_size: u64,
     pub cpus: u8,
     pub devices: DeviceConfig,
+    /// Install the per-thread seccomp filters (`crate::seccomp`); off with `--no-seccomp`.
+    pub seccomp: bool,
 }
 
 /// How a guest's run ended.
@@ -183,7 +186,11 @@ fn run_prepared(cfg: &VmConfig, prepared: virtio::Prepared) -> Result<Outcome, V
         .as_ref()
         .map(|p| boot::load_initrd(&mem, cfg.mem_size, &kernel, p))
         .transpose()?;
-    let (mmio, virtio_devices) = virtio::attach(&vm, &mem, prepared)?;
+    // Every thread — vCPUs, the event loop (if any device), stdin, main — installs its
+    // filter and waits for the others before it touches the guest.
+    let threads = usize::from(cfg.cpus) + usize::from(!prepared.is_empty()) + 2;
+    let sandbox = Arc::new(Sandbox::new(cfg.seccomp, threads)?);
+    let (mmio, virtio_devices) = virtio::attach(&vm, &mem, prepared, &sandbox)?;
     let rsdp = acpi::write_tables(&mem, cfg.cpus, &virtio_devices)?;
     let mut cmdline = Cmdline::new(CMDLINE_MAX_SIZE)?;
     let (kernel_args, init_args) = split_init_args(&cfg.cmdline);
@@ -254,14 +261,30 @@ fn run_prepared(cfg: &VmConfig, prepared: virtio::Prepared) -> Result<Outcome, V
     }
 
     let terminal = TerminalGuard::raw_if_terminal();
-    console::spawn_stdin_reader(console, state.clone(), terminal.interactive())
-        .map_err(VmmError::Io)?;
+    console::spawn_stdin_reader(
+        console,
+        state.clone(),
+        terminal.interactive(),
+        sandbox.clone(),
+    )
+    .map_err(VmmError::Io)?;
     for (id, vcpu) in vcpus.into_iter().enumerate() {
         let (state, bus, mmio, mem) = (state.clone(), bus.clone(), mmio.clone(), mem.clone());
+        let sandbox = sandbox.clone();
         thread::Builder::new()
             .name(format!("vcpu{id}"))
-            .spawn(move || run_vcpu(id as u8, vcpu, &bus, &mmio, &mem, &state, quirks))
+            .spawn(move || {
+                if sandbox.enter(ThreadKind::Vcpu) {
+                    run_vcpu(id as u8, vcpu, &bus, &mmio, &mem, &state, quirks)
+                }
+            })
             .map_err(VmmError::Io)?;
+    }
+    // All threads exist: the main thread's own filter, then the vCPUs may start.
+    if !sandbox.enter(ThreadKind::Main) {
+        drop(terminal);
+        std::mem::forget(vm);
+        return Err(VmmError::Config(sandbox.error().unwrap_or_default()));
     }
     let outcome = state.wait();
     drop(terminal);
