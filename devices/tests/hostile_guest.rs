@@ -2034,7 +2034,9 @@ fn model_blk(
         return untouched(disk);
     }
     // Any buffer outside RAM: IOERR before any I/O.
-    let all_in_ram = descs.iter().all(|d| mem.check_range(d.addr, u64::from(d.len)));
+    let all_in_ram = descs
+        .iter()
+        .all(|d| mem.check_range(d.addr, u64::from(d.len)));
     let (rd, wr) = split_chain(descs);
     let r_total = total_len(&rd);
     let data_in = total_len(&wr) - 1;
@@ -2136,7 +2138,11 @@ fn model_blk(
     BlkExpect {
         executed: true,
         status: reachable.then_some((status_addr, st)),
-        used: if reachable { u32::try_from(written + 1).unwrap_or(u32::MAX) } else { 0 },
+        used: if reachable {
+            u32::try_from(written + 1).unwrap_or(u32::MAX)
+        } else {
+            0
+        },
         disk,
         data,
         flush,

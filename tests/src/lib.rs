@@ -186,3 +186,62 @@ pub fn run_vmm_here(args: &[&str]) -> Run {
         elapsed: start.elapsed(),
     }
 }
+
+/// A fresh scratch directory `target/test-scratch/NAME` (the KVM test host shares it):
+/// its absolute path and its path relative to the workspace root.
+pub fn scratch_dir(name: &str) -> (PathBuf, String) {
+    let rel = format!("target/test-scratch/{name}");
+    let dir = root().join(&rel);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    (dir, rel)
+}
+
+/// Deterministic pseudo-random bytes (xorshift64*), so a failure can be reproduced.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        out.extend_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// SHA-256 of bytes in hex, by the host's `sha256sum` (the guests use busybox's).
+pub fn sha256(bytes: &[u8]) -> String {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let path = std::env::temp_dir().join(format!("vmm-sha-{}-{n}", std::process::id()));
+    std::fs::write(&path, bytes).unwrap();
+    let out = Command::new("sha256sum")
+        .arg(&path)
+        .output()
+        .expect("run sha256sum");
+    let _ = std::fs::remove_file(&path);
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .expect("sha256sum printed a hash")
+        .to_string()
+}
+
+impl Run {
+    /// The output's lines, without the console's carriage returns.
+    pub fn lines(&self) -> impl Iterator<Item = &str> {
+        self.output.lines().map(|l| l.trim_end_matches('\r'))
+    }
+
+    /// The first word after `KEY=` on the first line that starts with it.
+    pub fn value(&self, key: &str) -> &str {
+        let prefix = format!("{key}=");
+        self.lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .and_then(|v| v.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no {key}= line in the output:\n{}", self.output))
+    }
+}

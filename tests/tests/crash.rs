@@ -23,7 +23,11 @@ fn records_acknowledged_by_a_flush_survive_sigkill() {
             .unwrap_or_else(|| panic!("no {k} in {summary:?}"))
     };
     assert_eq!(field("failures"), 0, "{}", run.output);
-    assert!(field("acked") > 0, "the guest acknowledged nothing before the kills:\n{}", run.output);
+    assert!(
+        field("acked") > 0,
+        "the guest acknowledged nothing before the kills:\n{}",
+        run.output
+    );
     run.expect_status(0);
     eprintln!("{summary}");
 }

@@ -9,10 +9,9 @@
 
 use std::fs;
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
-use integration_tests::{image, root, run_guest, Run};
+use integration_tests::{image, pattern, run_guest, scratch_dir, sha256, Run};
 
 const TIMEOUT: Duration = Duration::from_secs(600);
 const MIB: usize = 1 << 20;
@@ -89,57 +88,16 @@ const RNG_CASES: &[&str] = &[
     "buffer-len-0",
 ];
 
-/// A scratch directory under the workspace (the KVM test host shares it).
 fn scratch(test: &str) -> (PathBuf, String) {
-    let rel = format!("target/test-scratch/hostile-{test}");
-    let dir = root().join(&rel);
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).unwrap();
-    (dir, rel)
-}
-
-/// Deterministic pseudo-random bytes (xorshift64*), so a failure can be reproduced.
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        out.extend_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
-/// SHA-256 of bytes, by the host's `sha256sum` (the guest uses busybox's).
-fn sha256(bytes: &[u8]) -> String {
-    let path = std::env::temp_dir().join(format!("vmm-hostile-sha-{}", std::process::id()));
-    fs::write(&path, bytes).unwrap();
-    let out = Command::new("sha256sum")
-        .arg(&path)
-        .output()
-        .expect("run sha256sum");
-    let _ = fs::remove_file(&path);
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
+    scratch_dir(&format!("hostile-{test}"))
 }
 
 fn lines(run: &Run) -> impl Iterator<Item = &str> {
-    run.output.lines().map(|l| l.trim_end_matches('\r'))
+    run.lines()
 }
 
-/// The value printed by a `KEY=value ...` line (first word after `=`).
 fn value<'a>(run: &'a Run, key: &str) -> &'a str {
-    let prefix = format!("{key}=");
-    lines(run)
-        .find_map(|l| l.strip_prefix(prefix.as_str()))
-        .and_then(|v| v.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no {key}= line in the output:\n{}", run.output))
+    run.value(key)
 }
 
 /// The `HOSTILE ...` lines of one `hostile` run: the output between its

@@ -4,10 +4,11 @@
 
 use std::fs;
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
-use integration_tests::{image, root, run_guest, vsock_peer_binary, Run};
+use integration_tests::{
+    image, pattern, root, run_guest, scratch_dir, sha256, vsock_peer_binary, Run,
+};
 
 const TIMEOUT: Duration = Duration::from_secs(600);
 const MIB: usize = 1 << 20;
@@ -20,55 +21,12 @@ fn minimal(args: &str) -> String {
     )
 }
 
-/// A scratch directory under the workspace (the KVM test host shares it).
 fn scratch(test: &str) -> (PathBuf, String) {
-    let rel = format!("target/test-scratch/virtio-{test}");
-    let dir = root().join(&rel);
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).unwrap();
-    (dir, rel)
+    scratch_dir(&format!("virtio-{test}"))
 }
 
-/// Deterministic pseudo-random bytes (xorshift64*), so a failure can be reproduced.
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        out.extend_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
-/// SHA-256 of bytes, by the host's `sha256sum` (the guest uses busybox's).
-fn sha256(bytes: &[u8]) -> String {
-    let dir = std::env::temp_dir().join(format!("vmm-sha-{}", std::process::id()));
-    fs::write(&dir, bytes).unwrap();
-    let out = Command::new("sha256sum")
-        .arg(&dir)
-        .output()
-        .expect("run sha256sum");
-    let _ = fs::remove_file(&dir);
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
-}
-
-/// The value printed by a `KEY=value ...` line (first word after `=`).
 fn value<'a>(run: &'a Run, key: &str) -> &'a str {
-    let prefix = format!("{key}=");
-    run.output
-        .lines()
-        .map(|l| l.trim_end_matches('\r'))
-        .find_map(|l| l.strip_prefix(prefix.as_str()))
-        .and_then(|v| v.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no {key}= line in the output:\n{}", run.output))
+    run.value(key)
 }
 
 fn assert_clean(run: &Run) {

@@ -272,7 +272,11 @@ impl<B: BlockBackend> VirtioDevice for Block<B> {
             Some((status_addr, data_in)) => {
                 // Every buffer must be in guest RAM before any I/O, so that a request
                 // either happens as a whole or fails without touching the disk.
-                let (st, written) = if chain.descs.iter().all(|d| mem.check_range(d.addr, u64::from(d.len))) {
+                let (st, written) = if chain
+                    .descs
+                    .iter()
+                    .all(|d| mem.check_range(d.addr, u64::from(d.len)))
+                {
                     self.execute(mem, chain, data_in)
                 } else {
                     (status::IOERR, 0)
