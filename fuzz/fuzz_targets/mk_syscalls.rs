@@ -14,9 +14,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use microkernel::abi::{
-    Fpage, MapItem, MsgTag, Rights, TaskId, ThreadId, Timeout, ARG_COUNT, MR_COUNT, RET_COUNT,
+    Fpage, MapItem, MsgTag, Rights, TaskId, ThreadId, Timeout, ARG_COUNT, MR_COUNT,
 };
-use microkernel::{Config, Context, Kernel, Machine, Next, NoMemory, PageTables};
+use microkernel::{Config, HostRegs as Regs, Kernel, Machine, Next, NoMemory, PageTables};
 
 // ---------------------------------------------------------------------------------------
 // The machine
@@ -82,44 +82,6 @@ impl PageTables for FuzzMachine {
         self.pt
             .remove(&(task, vpn))
             .expect("unmap of an unmapped page");
-    }
-}
-
-/// A thread's user registers.
-#[derive(Clone, Debug, Default)]
-struct Regs {
-    ip: u64,
-    sp: u64,
-    nr: u64,
-    args: [u64; ARG_COUNT],
-    mrs: [u64; MR_COUNT],
-    ret: [u64; RET_COUNT],
-}
-
-impl Context for Regs {
-    fn ip(&self) -> u64 {
-        self.ip
-    }
-    fn set_ip(&mut self, ip: u64) {
-        self.ip = ip;
-    }
-    fn sp(&self) -> u64 {
-        self.sp
-    }
-    fn set_sp(&mut self, sp: u64) {
-        self.sp = sp;
-    }
-    fn syscall(&self) -> (u64, [u64; ARG_COUNT]) {
-        (self.nr, self.args)
-    }
-    fn mrs(&self) -> [u64; MR_COUNT] {
-        self.mrs
-    }
-    fn set_mrs(&mut self, mrs: &[u64; MR_COUNT]) {
-        self.mrs = *mrs;
-    }
-    fn set_ret(&mut self, ret: [u64; RET_COUNT]) {
-        self.ret = ret;
     }
 }
 

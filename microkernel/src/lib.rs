@@ -70,5 +70,7 @@ mod testing;
 
 pub use fault::Fault;
 pub use kernel::{BootError, Config, Kernel, Next};
+#[cfg(any(test, feature = "invariants"))]
+pub use machine::HostRegs;
 pub use machine::{Context, Machine, NoMemory, PageTables};
 pub use syscalls::{Control, IrqOp, Syscall};

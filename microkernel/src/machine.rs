@@ -58,3 +58,44 @@ pub trait Machine: PageTables {
     /// on the kernel console.
     fn debug_write(&mut self, pfn: u64, offset: u64, len: u64);
 }
+
+/// A thread's user registers as plain fields: the `Context` of the host-side tests and
+/// of the fuzz targets (feature `invariants`), where no real CPU state exists.
+#[cfg(any(test, feature = "invariants"))]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HostRegs {
+    pub ip: u64,
+    pub sp: u64,
+    pub nr: u64,
+    pub args: [u64; ARG_COUNT],
+    pub mrs: [u64; MR_COUNT],
+    pub ret: [u64; RET_COUNT],
+}
+
+#[cfg(any(test, feature = "invariants"))]
+impl Context for HostRegs {
+    fn ip(&self) -> u64 {
+        self.ip
+    }
+    fn set_ip(&mut self, ip: u64) {
+        self.ip = ip;
+    }
+    fn sp(&self) -> u64 {
+        self.sp
+    }
+    fn set_sp(&mut self, sp: u64) {
+        self.sp = sp;
+    }
+    fn syscall(&self) -> (u64, [u64; ARG_COUNT]) {
+        (self.nr, self.args)
+    }
+    fn mrs(&self) -> [u64; MR_COUNT] {
+        self.mrs
+    }
+    fn set_mrs(&mut self, mrs: &[u64; MR_COUNT]) {
+        self.mrs = *mrs;
+    }
+    fn set_ret(&mut self, ret: [u64; RET_COUNT]) {
+        self.ret = ret;
+    }
+}

@@ -8,7 +8,7 @@ use crate::abi::{
     Fpage, MsgTag, Rights, Sysno, TaskId, ThreadId, Timeout, ARG_COUNT, MR_COUNT, RET_COUNT,
 };
 use crate::kernel::{Config, Kernel, Next};
-use crate::machine::{Context, Machine, NoMemory, PageTables};
+use crate::machine::{Machine, NoMemory, PageTables};
 use crate::mapdb::At;
 
 /// Page tables as a map, checking that the core uses the interface as documented.
@@ -48,42 +48,7 @@ impl PageTables for Mirror {
 }
 
 /// A thread's user registers.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Regs {
-    pub ip: u64,
-    pub sp: u64,
-    pub nr: u64,
-    pub args: [u64; ARG_COUNT],
-    pub mrs: [u64; MR_COUNT],
-    pub ret: [u64; RET_COUNT],
-}
-
-impl Context for Regs {
-    fn ip(&self) -> u64 {
-        self.ip
-    }
-    fn set_ip(&mut self, ip: u64) {
-        self.ip = ip;
-    }
-    fn sp(&self) -> u64 {
-        self.sp
-    }
-    fn set_sp(&mut self, sp: u64) {
-        self.sp = sp;
-    }
-    fn syscall(&self) -> (u64, [u64; ARG_COUNT]) {
-        (self.nr, self.args)
-    }
-    fn mrs(&self) -> [u64; MR_COUNT] {
-        self.mrs
-    }
-    fn set_mrs(&mut self, mrs: &[u64; MR_COUNT]) {
-        self.mrs = *mrs;
-    }
-    fn set_ret(&mut self, ret: [u64; RET_COUNT]) {
-        self.ret = ret;
-    }
-}
+pub use crate::machine::HostRegs as Regs;
 
 #[derive(Default, Debug)]
 pub struct TestMachine {
