@@ -741,7 +741,7 @@ impl<B: VsockBackend + HostFds> HostFds for Vsock<B> {
 mod tests {
     use super::*;
     use crate::virtio::mem::{GuestMemory, VecMemory};
-    use crate::virtio::testing::DriverQueue;
+    use crate::virtio::testing::{driver_queues, DriverQueue};
     use crate::virtio::vsock::{HDR_LEN, QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
     use crate::virtio::{Queue, VirtioDevice};
     use std::io::Write;
@@ -774,17 +774,7 @@ mod tests {
     impl Guest {
         fn new(path: &Path) -> Guest {
             let mem = VecMemory::new(0, 1 << 21);
-            let rxq = DriverQueue::new(16, 0);
-            let txq = DriverQueue::new(16, 0x4000);
-            let evq = DriverQueue::new(16, 0x8000);
-            let mut queues = [
-                Queue::new(QUEUE_SIZE),
-                Queue::new(QUEUE_SIZE),
-                Queue::new(QUEUE_SIZE),
-            ];
-            rxq.configure(&mut queues[0]);
-            txq.configure(&mut queues[1]);
-            evq.configure(&mut queues[2]);
+            let ([rxq, txq, _evq], queues) = driver_queues(&mem, 16, QUEUE_SIZE);
             let mut g = Guest {
                 mem,
                 rxq,

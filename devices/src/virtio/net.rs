@@ -364,7 +364,7 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
 mod tests {
     use super::*;
     use crate::virtio::mem::VecMemory;
-    use crate::virtio::testing::DriverQueue;
+    use crate::virtio::testing::{driver_queues, DriverQueue};
     use alloc::collections::VecDeque;
 
     /// A wire in memory: frames to receive, frames sent, the last offloads asked for.
@@ -415,14 +415,9 @@ mod tests {
     /// An activated device with both queues set up (size 256, event index on).
     fn rig(features: u64) -> Rig {
         let mem = VecMemory::new(0, 1 << 20);
-        let rxq = DriverQueue::new(256, 0);
-        let txq = DriverQueue::new(256, 0x4000);
-        let mut queues = [Queue::new(QUEUE_SIZE), Queue::new(QUEUE_SIZE)];
-        rxq.configure(&mut queues[RX]);
-        txq.configure(&mut queues[TX]);
+        let ([rxq, txq], mut queues) = driver_queues(&mem, 256, QUEUE_SIZE);
         for q in &mut queues {
             q.set_event_idx(true);
-            q.validate(&mem).unwrap();
         }
         let mut net = Net::new(Fake::default(), MAC);
         net.activate(features);

@@ -10,6 +10,24 @@ use alloc::vec::Vec;
 use super::mem::GuestMemory;
 use super::queue::Queue;
 
+/// `N` device queues of `max` entries each, with driver rings of `size` entries laid
+/// out 0x4000 apart from guest address 0, configured as a driver would and validated.
+pub fn driver_queues<const N: usize>(
+    mem: &dyn GuestMemory,
+    size: u16,
+    max: u16,
+) -> ([DriverQueue; N], [Queue; N]) {
+    let drivers: [DriverQueue; N] =
+        core::array::from_fn(|i| DriverQueue::new(size, 0x4000 * i as u64));
+    let queues = core::array::from_fn(|i| {
+        let mut q = Queue::new(max);
+        drivers[i].configure(&mut q);
+        q.validate(mem).expect("a valid test queue");
+        q
+    });
+    (drivers, queues)
+}
+
 pub struct DriverQueue {
     pub size: u16,
     pub desc: u64,

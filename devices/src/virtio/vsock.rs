@@ -376,7 +376,7 @@ impl<B: VsockBackend> VirtioDevice for Vsock<B> {
 mod tests {
     use super::*;
     use crate::virtio::mem::VecMemory;
-    use crate::virtio::testing::DriverQueue;
+    use crate::virtio::testing::{driver_queues, DriverQueue};
 
     const CID: u64 = 3;
 
@@ -423,20 +423,7 @@ mod tests {
 
     fn rig() -> Rig {
         let mem = VecMemory::new(0, 1 << 21);
-        let rxq = DriverQueue::new(16, 0);
-        let txq = DriverQueue::new(16, 0x4000);
-        let evq = DriverQueue::new(16, 0x8000);
-        let mut queues = [
-            Queue::new(QUEUE_SIZE),
-            Queue::new(QUEUE_SIZE),
-            Queue::new(QUEUE_SIZE),
-        ];
-        rxq.configure(&mut queues[0]);
-        txq.configure(&mut queues[1]);
-        evq.configure(&mut queues[2]);
-        for q in &queues {
-            q.validate(&mem).unwrap();
-        }
+        let ([rxq, txq, _evq], queues) = driver_queues(&mem, 16, QUEUE_SIZE);
         Rig {
             mem,
             rxq,
