@@ -227,7 +227,7 @@ impl Policy {
             let is_desc = self
                 .desc_tables
                 .iter()
-                .any(|&(t, l)| within(&[(t, l)], addr, 16) && (addr - t) % 16 == 0);
+                .any(|&(t, l)| within(&[(t, l)], addr, 16) && (addr - t).is_multiple_of(16));
             if is_desc {
                 let baddr = u64::from_le_bytes(data[0..8].try_into().unwrap());
                 let blen = u64::from(u32::from_le_bytes(data[8..12].try_into().unwrap()));
@@ -1797,6 +1797,9 @@ mod req {
     pub const DISCARD: u32 = 11;
 }
 
+/// A discard segment `(sector, count, flags)`.
+type DiscardSeg = (u64, u32, u32);
+
 #[derive(Debug, Clone)]
 struct BlkReq {
     kind: u32,
@@ -1806,8 +1809,8 @@ struct BlkReq {
     hdr_len: u32,
     /// Split the header after `k` bytes, the rest at this address.
     hdr_split: Option<(u32, u64)>,
-    /// Discard segments `(sector, count, flags)` in a readable buffer after the header.
-    discard: Option<(u64, Vec<(u64, u32, u32)>)>,
+    /// Discard segments in a readable buffer at an address after the header.
+    discard: Option<(u64, Vec<DiscardSeg>)>,
     data: Vec<(u64, u32, bool)>,
     /// `(addr, len, writable)`: normally a 1-byte writable status buffer.
     status: Option<(u64, u32, bool)>,
@@ -2042,7 +2045,7 @@ fn model_blk(
     let data_in = total_len(&wr) - 1;
     let cap = disk.len() as u64 / SECTOR_SIZE;
     let range = |sector: u64, len: u64| -> Option<usize> {
-        if len % SECTOR_SIZE != 0 {
+        if !len.is_multiple_of(SECTOR_SIZE) {
             return None;
         }
         let end = sector.checked_add(len / SECTOR_SIZE)?;
@@ -2107,7 +2110,7 @@ fn model_blk(
             req::DISCARD if discard => {
                 let rest = r_total - 16;
                 let segs = rest / 16;
-                if segs == 0 || rest % 16 != 0 || segs > 16 {
+                if segs == 0 || !rest.is_multiple_of(16) || segs > 16 {
                     break 'req (IOERR, 0, vec![]);
                 }
                 // All segments are checked before any is discarded.
@@ -2241,7 +2244,7 @@ fn blk_request(
     });
     if r.kind == req::OUT
         && want.status.is_some_and(|s| s.1 == blk::status::OK)
-        && after.len() > 0
+        && !after.is_empty()
         && want.data.is_empty()
     {
         let (rd, _) = split_chain(&descs);
