@@ -220,14 +220,16 @@ fn a_hostile_driver_gets_the_documented_answers_and_the_vmm_stays_up_and_bounded
         image("minimal/bzImage"),
         image("minimal/initramfs.cpio.gz")
     );
-    // The vmm runs in the background; every 0.5 s the test host records how far the
-    // guest got, VmRSS/VmHWM, and (from smaps) how much of the resident memory is the
+    // The vmm runs in the background (killed after 300 s, so a hang shows how far the
+    // guest got instead of ending in the harness's silent timeout); every 0.5 s the test
+    // host records how far the guest got, VmRSS/VmHWM, and (from smaps) how much of the resident memory is the
     // guest-RAM mapping and how much is the vmm's own.
     let guest_kib = GUEST_MIB * 1024;
     let cmd = format!(
         "log=/tmp/vmm.log; smp=/tmp/samples; : >$smp; \
-         {vmm} >$log 2>&1 & pid=$!; \
+         {vmm} >$log 2>&1 & pid=$!; i=0; \
          while grep -q '^VmRSS' /proc/$pid/status 2>/dev/null; do \
+           i=$((i+1)); [ $i -gt 600 ] && {{ echo VMM-HUNG after 300 s; kill -9 $pid; }}; \
            n=$(grep -c '^HOSTILE ' $log); \
            st=$(awk '/^VmRSS:/{{r=$2}} /^VmHWM:/{{h=$2}} END{{print r, h}}' /proc/$pid/status 2>/dev/null); \
            mp=$(awk '/^Size:/{{s=$2}} /^Rss:/{{if (s=={guest_kib}) g+=$2; else o+=$2}} END{{print g+0, o+0}}' /proc/$pid/smaps 2>/dev/null); \
