@@ -74,9 +74,13 @@ fn piped_input_reaches_the_guest_shell_without_loss_and_eof_ends_it() {
 
 #[test]
 fn stock_debian_cloud_kernel_boots_through_acpi_with_kvmclock() {
+    // `lapic=notscdeadline`: in the KVM test host (nested SVM emulated by TCG) the second
+    // vCPU's TSC-deadline timer interrupts were lost in 2 of 6 boots (RCU stall reports
+    // after 44 s; one CI run hung for 600 s); with the LAPIC's one-shot timer 6 of 6
+    // boots were clean. A property of the test host's L1 KVM, not of the vmm.
     let run = run_guest(
         &format!(
-            "vmm --kernel {} --initrd {} --cpus 2 --memory 512M --cmdline 'console=ttyS0 panic=-1 pci=off -- \
+            "vmm --kernel {} --initrd {} --cpus 2 --memory 512M --cmdline 'console=ttyS0 panic=-1 pci=off lapic=notscdeadline -- \
              ls /sys/bus/acpi/devices; cat /sys/devices/system/clocksource/clocksource0/current_clocksource; \
              dmesg | grep -E \"ACPI: (FACP|APIC|DSDT)\"; exit 7'",
             image("cloud/vmlinuz"),
