@@ -14,9 +14,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use microkernel::abi::{
-    Fpage, MapItem, MsgTag, Rights, TaskId, ThreadId, Timeout, ARG_COUNT, MR_COUNT,
+    guest, Fpage, MapItem, MsgTag, Rights, TaskId, ThreadId, Timeout, ARG_COUNT, MR_COUNT,
 };
-use microkernel::{Config, HostRegs as Regs, Kernel, Machine, Next, NoMemory, PageTables};
+use microkernel::{
+    Config, GuestExit, HostRegs as Regs, Kernel, Machine, Next, NoMemory, PageTables, Space,
+};
 
 // ---------------------------------------------------------------------------------------
 // The machine
@@ -27,6 +29,7 @@ use microkernel::{Config, HostRegs as Regs, Kernel, Machine, Next, NoMemory, Pag
 struct FuzzMachine {
     pt: BTreeMap<(TaskId, u64), (u64, Rights)>,
     spaces: BTreeSet<TaskId>,
+    guests: BTreeSet<TaskId>,
     masked: BTreeSet<u16>,
     irqs: u16,
     user: (u64, u64),
@@ -35,8 +38,11 @@ struct FuzzMachine {
 }
 
 impl PageTables for FuzzMachine {
-    fn create_space(&mut self, task: TaskId) -> Result<(), NoMemory> {
+    fn create_space(&mut self, task: TaskId, kind: Space) -> Result<(), NoMemory> {
         assert!(self.spaces.insert(task), "space {task:?} created twice");
+        if kind == Space::Guest {
+            self.guests.insert(task);
+        }
         Ok(())
     }
     fn destroy_space(&mut self, task: TaskId) {
@@ -44,6 +50,7 @@ impl PageTables for FuzzMachine {
             self.spaces.remove(&task),
             "destroying unknown space {task:?}"
         );
+        self.guests.remove(&task);
         assert!(
             !self.pt.keys().any(|&(t, _)| t == task),
             "space destroyed with pages mapped"
@@ -55,10 +62,17 @@ impl PageTables for FuzzMachine {
             self.spaces.contains(&task),
             "map into unknown space {task:?}"
         );
-        assert!(
-            (self.user.0..self.user.1).contains(&vpn),
-            "map outside user space: vpn {vpn:#x}"
-        );
+        if self.guests.contains(&task) {
+            assert!(
+                vpn < guest::PHYS_END >> 12,
+                "map outside guest RAM: vpn {vpn:#x}"
+            );
+        } else {
+            assert!(
+                (self.user.0..self.user.1).contains(&vpn),
+                "map outside user space: vpn {vpn:#x}"
+            );
+        }
         if let Some(b) = self.pt_budget.as_mut() {
             if *b == 0 {
                 return Err(NoMemory);
@@ -94,6 +108,9 @@ impl Machine for FuzzMachine {
     fn irq_unmask(&mut self, irq: u16) {
         assert!(irq < self.irqs, "unmask of unknown line {irq}");
         self.masked.remove(&irq);
+    }
+    fn guest_resume(&mut self, _vcpu: ThreadId, task: TaskId, _value: u64) {
+        assert!(self.guests.contains(&task), "guest_resume outside a guest");
     }
     fn debug_write(&mut self, _pfn: u64, offset: u64, len: u64) {
         assert!(
@@ -327,7 +344,8 @@ enum Call {
     },
     TaskNew {
         pager: Who,
-        privileged: bool,
+        /// 0..4: user, privileged, guest, both (invalid)
+        kind: u8,
     },
     IrqControl {
         op: u8,
@@ -401,8 +419,8 @@ impl Call {
                 pager,
                 supervisor,
             } => (5, [u64::from(op % 4), w(target), w(pager), w(supervisor)]),
-            Call::TaskNew { pager, privileged } => {
-                (6, [w(pager), 0x40_0000, 0x50_0000, u64::from(privileged)])
+            Call::TaskNew { pager, kind } => {
+                (6, [w(pager), 0x40_0000, 0x50_0000, u64::from(kind % 4)])
             }
             Call::IrqControl { op, line, thread } => (
                 7,
@@ -448,6 +466,13 @@ enum Entry {
     Exception {
         vector: u8,
         code: u64,
+    },
+    /// A guest vCPU (any thread id: most are no vCPU in a guest) exits.
+    GuestExit {
+        vcpu: Word,
+        kind: u8,
+        addr: u64,
+        data: u64,
     },
 }
 
@@ -582,6 +607,20 @@ fuzz_target!(|input: Input| {
                     continue;
                 }
                 k.exception(u64::from(*vector % 32), *code)
+            }
+            Entry::GuestExit {
+                vcpu,
+                kind,
+                addr,
+                data,
+            } => {
+                let exit = GuestExit {
+                    kind: *kind % 7,
+                    size: 1 << (*kind >> 6),
+                    addr: *addr,
+                    data: *data,
+                };
+                k.guest_exit(ThreadId(vcpu.get(&live) as u32), exit)
             }
         };
         check(&k, next, me);

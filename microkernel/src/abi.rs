@@ -304,6 +304,31 @@ pub mod label {
     pub const EXCEPTION: u64 = 0xFFFF_FFFF_FFFD;
     /// Interrupt: MR1 = interrupt number; the sender is `ThreadId::irq(n)`.
     pub const INTERRUPT: u64 = 0xFFFF_FFFF_FFFF;
+    /// Guest exit (from a vCPU thread of a guest task): MR1 = kind | size << 8 (see
+    /// [`super::guest`]), MR2 = port or guest-physical address, MR3 = the value written.
+    /// A reply with at least one word gives the value read (MR1) and resumes the vCPU.
+    pub const GUEST_EXIT: u64 = 0xFFFF_FFFF_FFFC;
+}
+
+/// Guest tasks: an address space that is a guest VM's physical memory, whose thread is
+/// the guest's vCPU (see `fault.rs`).
+pub mod guest {
+    /// The vCPU is about to run for the first time: the reply maps the guest's RAM.
+    pub const START: u64 = 0;
+    /// `in` from an I/O port.
+    pub const IO_IN: u64 = 1;
+    /// `out` to an I/O port.
+    pub const IO_OUT: u64 = 2;
+    /// MMIO read.
+    pub const MMIO_READ: u64 = 3;
+    /// MMIO write.
+    pub const MMIO_WRITE: u64 = 4;
+    /// HLT with nothing to wake the vCPU (no interrupt controller).
+    pub const HALT: u64 = 5;
+    /// Triple fault or another end of the vCPU.
+    pub const SHUTDOWN: u64 = 6;
+    /// Guest-physical pages a guest task may have: below the 3..4 GiB MMIO window.
+    pub const PHYS_END: u64 = 0xC000_0000;
 }
 
 /// A map item: two typed words. Word 0 is the send base ("hotspot", bits 12..64) and the
@@ -372,7 +397,10 @@ pub mod thread_control {
 pub mod task_new {
     /// The new task is privileged.
     pub const PRIVILEGED: u64 = 1;
-    pub const ALL: u64 = PRIVILEGED;
+    /// The new task is a guest (its space is guest-physical memory, its first thread
+    /// the vCPU, which starts by sending a `guest::START` exit to its pager).
+    pub const GUEST: u64 = 2;
+    pub const ALL: u64 = PRIVILEGED | GUEST;
 }
 
 /// `irq_control` operations.

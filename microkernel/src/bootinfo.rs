@@ -21,6 +21,9 @@ pub mod mode {
     pub const SELFTEST: u64 = 1;
     /// The IPC micro-benchmark.
     pub const BENCH: u64 = 2;
+    /// The guest-exit benchmark: a guest server runs the vmm's exit-loop guest with
+    /// many exits and prints what they cost.
+    pub const BENCH_EXIT: u64 = 3;
 }
 
 /// `BootInfo::flags`.
@@ -132,5 +135,59 @@ mod tests {
         b.nregions = 1;
         assert_eq!(BootInfo::from_words(&b.to_words()), Some(b));
         assert_eq!(BootInfo::from_words(&[0; WORDS]), None);
+    }
+}
+
+/// The hypercall interface between the kernel in VM0 and the vmm, for guest VMs.
+///
+/// A hypercall is `out dx, eax` to [`hyper::PORT`] with the operation in `eax` and its
+/// arguments in `rdi`, `rsi`, `r8`, `r9`; the vmm reads them from the vCPU's registers.
+/// A guest task is one VM (`task` = its task number); its address space is the VM's
+/// physical memory, kept equal to the kernel's page table of that task page by page.
+/// A guest exit comes the other way: the vmm writes [`hyper::ExitRecord`] at
+/// [`hyper::EXIT_RECORD`] (VM0-physical) and pulses IOAPIC line [`hyper::EXIT_LINE`];
+/// the vCPU stays stopped until `RESUME`.
+pub mod hyper {
+    /// The hypercall port (opened to the kernel only).
+    pub const PORT: u16 = 0x513;
+    /// Create the empty VM of guest task `rdi`.
+    pub const CREATE: u32 = 1;
+    /// Destroy the VM of guest task `rdi` (its vCPU stops where it is).
+    pub const DESTROY: u32 = 2;
+    /// Map guest-physical page `rsi` of task `rdi` to VM0-physical page `r8` with rights
+    /// `r9` (`abi::Rights` bits; a mapped page is replaced).
+    pub const MAP: u32 = 3;
+    /// Unmap guest-physical page `rsi` of task `rdi`.
+    pub const UNMAP: u32 = 4;
+    /// Run vCPU thread `rsi` of task `rdi`: the first time, or after an exit, with `r8`
+    /// the value an `in` or MMIO read returns.
+    pub const RESUME: u32 = 5;
+    /// Change the rights of mapped guest-physical page `rsi` of task `rdi` to `r8`.
+    pub const PROTECT: u32 = 6;
+    /// VM0-physical address of the exit record.
+    pub const EXIT_RECORD: u64 = 0x6000;
+    /// The IOAPIC line that announces an exit (not attachable by tasks).
+    pub const EXIT_LINE: u16 = 23;
+
+    /// One exit, as five little-endian words at [`EXIT_RECORD`].
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct ExitRecord {
+        /// The vCPU thread's id (`ThreadId::raw`).
+        pub vcpu: u64,
+        /// `abi::guest::IO_IN`, ...
+        pub kind: u64,
+        pub size: u64,
+        pub addr: u64,
+        pub data: u64,
+    }
+
+    impl ExitRecord {
+        pub const WORDS: usize = 5;
+        pub fn to_words(self) -> [u64; Self::WORDS] {
+            [self.vcpu, self.kind, self.size, self.addr, self.data]
+        }
+        pub fn from_words(w: [u64; Self::WORDS]) -> Self {
+            Self { vcpu: w[0], kind: w[1], size: w[2], addr: w[3], data: w[4] }
+        }
     }
 }

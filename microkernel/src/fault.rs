@@ -8,8 +8,17 @@
 //! The thread's own registers are never touched by the fault message. Without a live
 //! handler (a page fault falls back to the supervisor) the thread becomes `Faulted`
 //! until `exchange_registers` resumes it.
+//!
+//! Guest exits are faults too. A guest task's thread is a vCPU of a guest VM that the
+//! machine runs outside VM0 (`State::InGuest`); when the VM exits to its monitor for
+//! an access nothing below absorbed, the machine calls [`Kernel::guest_exit`] and the
+//! vCPU thread calls its pager with the exit (`abi::label::GUEST_EXIT`), exactly as a
+//! page fault does. The handler's reply carries the value an `in` or MMIO read returns
+//! and may map pages into the guest's physical memory; the machine then resumes the
+//! vCPU ([`Machine::guest_resume`]). A vCPU's first exit is `guest::START`, sent when
+//! the task is created: its reply maps the guest's RAM.
 
-use crate::abi::{label, Fpage, MsgTag, Rights, ThreadId, Timeout, MR_COUNT, PAGE_BITS};
+use crate::abi::{guest, label, Fpage, MsgTag, Rights, ThreadId, Timeout, MR_COUNT, PAGE_BITS};
 use crate::kernel::{Kernel, Next};
 use crate::machine::{Context, Machine};
 use crate::mapdb::At;
@@ -19,6 +28,20 @@ use crate::thread::{Peer, Receive, State};
 pub enum Fault {
     Page { addr: u64, access: Rights, ip: u64 },
     Exception { vector: u64, code: u64, ip: u64, sp: u64 },
+    Guest(GuestExit),
+}
+
+/// Why a guest vCPU stopped (see `abi::guest`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GuestExit {
+    /// `guest::START`, `IO_IN`, ...
+    pub kind: u8,
+    /// Access size in bytes (1, 2, 4 or 8; 0 for exits that are no access).
+    pub size: u8,
+    /// Port or guest-physical address.
+    pub addr: u64,
+    /// The value written (`IO_OUT`, `MMIO_WRITE`); the reply's value once answered.
+    pub data: u64,
 }
 
 impl Fault {
@@ -40,6 +63,14 @@ impl Fault {
                     code,
                     ip,
                     sp,
+                ]);
+            }
+            Fault::Guest(e) => {
+                m[..4].copy_from_slice(&[
+                    MsgTag::new(label::GUEST_EXIT, 3, 0, 0).0,
+                    e.kind as u64 | (e.size as u64) << 8,
+                    e.addr,
+                    e.data,
                 ]);
             }
         }
@@ -81,19 +112,51 @@ impl<M: Machine> Kernel<M> {
     }
 
     fn raise(&mut self, me: usize, fault: Fault, handler: ThreadId) {
+        if let Some(partner) = self.raise_to(me, fault, handler) {
+            self.direct_switch(partner);
+        }
+    }
+
+    /// Make `me` call `handler` with `fault`; returns the handler if it got it at once.
+    fn raise_to(&mut self, me: usize, fault: Fault, handler: ThreadId) -> Option<usize> {
         self.threads[me].fault = Some(fault);
         if self.live(handler).is_none_or(|h| h == me) {
             self.make_blocked(me, State::Faulted);
-            return;
+            return None;
         }
         let reply = Receive {
             from: Peer::Thread(handler),
             window: Fpage::complete(Rights::ALL),
             timeout: Timeout::NEVER,
         };
-        if let Some(partner) = self.send(me, handler, Some(reply), Timeout::NEVER) {
-            self.direct_switch(partner);
+        self.send(me, handler, Some(reply), Timeout::NEVER)
+    }
+
+    /// The new vCPU thread `i` of a guest task sends its `START` exit.
+    pub(crate) fn start_vcpu(&mut self, i: usize) {
+        let start = GuestExit { kind: guest::START as u8, size: 0, addr: 0, data: 0 };
+        self.raise_to(i, Fault::Guest(start), self.threads[i].pager);
+    }
+
+    /// Guest vCPU `vcpu`, running in its VM, exited with `exit`: it calls its pager.
+    /// Ignored unless `vcpu` is a vCPU thread in the guest (a stale or forged report).
+    pub fn guest_exit(&mut self, vcpu: ThreadId, exit: GuestExit) -> Next {
+        let entered = self.sched.current;
+        if let Some(i) = self.live(vcpu).filter(|&i| self.threads[i].state == State::InGuest) {
+            self.raise_to(i, Fault::Guest(exit), self.threads[i].pager);
         }
+        self.reschedule(entered)
+    }
+
+    /// The vCPU thread `i` got its handler's answer: back into the guest.
+    pub(crate) fn enter_guest(&mut self, i: usize) {
+        let value = match self.threads[i].fault.take() {
+            Some(Fault::Guest(e)) => e.data,
+            _ => 0,
+        };
+        self.make_blocked(i, State::InGuest);
+        let (id, task) = (self.threads[i].id, self.task_id(i));
+        self.machine.guest_resume(id, task, value);
     }
 }
 
@@ -208,5 +271,114 @@ mod tests {
         assert_eq!(sys(&mut k, root, Sysno::ExchangeRegisters, args, msg(0, &[])), switch(&k, t));
         assert_eq!((state(&k, t), regs(&k, t).ip), (State::Ready, 0x3000));
         assert_eq!(regs(&k, root).ret, [0, 0x2222, 0x3333], "old ip and sp");
+    }
+
+    /// Root makes a guest task whose pager it is: the vCPU's exits reach it as IPC.
+    fn guest(k: &mut K, root: ThreadId) -> (ThreadId, crate::abi::TaskId) {
+        let flags = crate::abi::task_new::GUEST;
+        assert_eq!(
+            sys(k, root, Sysno::TaskNew, [root.raw(), 0, 0, flags], msg(0, &[])),
+            Next::Resume
+        );
+        let r = regs(k, root);
+        assert_eq!(r.ret[0], 0, "task_new(GUEST)");
+        let vcpu = ThreadId(r.ret[1] as u32);
+        (vcpu, k.task_of(vcpu).unwrap())
+    }
+
+    #[test]
+    fn guest_exits_are_ipc_to_the_pager_and_replies_resume_the_vcpu() {
+        use crate::abi::guest;
+        use crate::GuestExit;
+        let (mut k, root) = boot();
+        let (vcpu, task) = guest(&mut k, root);
+        assert!(matches!(state(&k, vcpu), State::SendBlocked { .. }), "START waits for the pager");
+        // START: the pager maps 16 pages of its RAM at guest-physical 0
+        assert_eq!(ipc(&mut k, root, NIL, ANY, ZERO, NEVER, msg(0, &[])), Next::Resume);
+        let r = regs(&k, root);
+        assert_eq!(r.ret[1], vcpu.raw());
+        assert_eq!(r.mrs[..4], [MsgTag::new(label::GUEST_EXIT, 3, 0, 0).0, guest::START, 0, 0]);
+        let mut reply = [0; MR_COUNT];
+        reply[0] = MsgTag::new(0, 0, 2, 0).0;
+        let ram = Fpage::new(0x10_0000, 16, Rights::ALL).unwrap();
+        reply[1..3].copy_from_slice(&MapItem { grant: false, hotspot: 0, fpage: ram }.raw());
+        assert_eq!(ipc(&mut k, root, vcpu, NIL, ZERO, ZERO, reply), Next::Resume);
+        assert_eq!(state(&k, vcpu), State::InGuest);
+        assert_eq!(k.machine.resumed, [(vcpu, task, 0)]);
+        for p in 0..16 {
+            assert_eq!(k.mapdb.lookup(At { task, vpn: p }), Some((0x100 + p, Rights::ALL)));
+        }
+        // an `in` exit: the reply's first word is the value read
+        let exit = GuestExit { kind: guest::IO_IN as u8, size: 1, addr: 0x81, data: 0 };
+        assert_eq!(k.guest_exit(vcpu, exit), Next::Resume, "root runs on; the vCPU waits");
+        k.check();
+        assert_eq!(ipc(&mut k, root, NIL, ANY, ZERO, NEVER, msg(0, &[])), Next::Resume);
+        assert_eq!(regs(&k, root).mrs[1..4], [guest::IO_IN | 1 << 8, 0x81, 0]);
+        assert_eq!(ipc(&mut k, root, vcpu, NIL, ZERO, ZERO, msg(0, &[0x42])), Next::Resume);
+        assert_eq!(k.machine.resumed.last(), Some(&(vcpu, task, 0x42)));
+        // an `out` exit carries the value written; an empty reply resumes with 0
+        let out = GuestExit { kind: guest::IO_OUT as u8, size: 4, addr: 0x84, data: 0xdead_beef };
+        assert_eq!(k.guest_exit(vcpu, out), Next::Resume);
+        assert_eq!(ipc(&mut k, root, NIL, ANY, ZERO, NEVER, msg(0, &[])), Next::Resume);
+        assert_eq!(regs(&k, root).mrs[1..4], [guest::IO_OUT | 4 << 8, 0x84, 0xdead_beef]);
+        assert_eq!(ipc(&mut k, root, vcpu, NIL, ZERO, ZERO, msg(0, &[])), Next::Resume);
+        assert_eq!(k.machine.resumed.last(), Some(&(vcpu, task, 0)));
+        // reports for threads that are not in a guest change nothing
+        assert_eq!(k.guest_exit(root, exit), Next::Resume);
+        assert_eq!(k.guest_exit(ThreadId::new(15, 9), exit), Next::Resume);
+        assert_eq!(state(&k, root), State::Ready);
+        // a vCPU's registers are its VM's: no exchange_registers, no second vCPU yet
+        let ex = [vcpu.raw(), exregs::HALT, 0, 0];
+        assert_eq!(sys(&mut k, root, Sysno::ExchangeRegisters, ex, msg(0, &[])), Next::Resume);
+        assert_eq!(regs(&k, root).ret[0], crate::abi::Error::InvalidArgument as u64);
+        let create = [crate::abi::thread_control::CREATE, vcpu.raw(), 0, 0];
+        assert_eq!(sys(&mut k, root, Sysno::ThreadControl, create, msg(0, &[])), Next::Resume);
+        assert_eq!(regs(&k, root).ret[0], crate::abi::Error::InvalidArgument as u64);
+        assert_eq!(state(&k, vcpu), State::InGuest);
+        // deleting the guest removes its memory and its space
+        let delete = [crate::abi::thread_control::DELETE_TASK, vcpu.raw(), 0, 0];
+        assert_eq!(sys(&mut k, root, Sysno::ThreadControl, delete, msg(0, &[])), Next::Resume);
+        assert!(!k.machine.mirror.spaces.contains(&task));
+        assert!(k.mappings().iter().all(|m| m.0 != task));
+    }
+
+    #[test]
+    fn guest_memory_is_guest_physical_and_exits_without_a_pager_stop_the_vcpu() {
+        use crate::abi::guest;
+        use crate::GuestExit;
+        let (mut k, root) = boot();
+        let (vcpu, task) = guest(&mut k, root);
+        assert_eq!(ipc(&mut k, root, NIL, ANY, ZERO, NEVER, msg(0, &[])), Next::Resume);
+        // a map item aimed at the MMIO window (at PHYS_END and above) lands nowhere
+        let mut reply = [0; MR_COUNT];
+        reply[0] = MsgTag::new(0, 0, 2, 0).0;
+        let ram = Fpage::new(0x10_0000, 12, Rights::RW).unwrap();
+        reply[1..3]
+            .copy_from_slice(&MapItem { grant: false, hotspot: guest::PHYS_END, fpage: ram }.raw());
+        assert_eq!(ipc(&mut k, root, vcpu, NIL, ZERO, ZERO, reply), Next::Resume);
+        assert!(k.mappings().iter().all(|m| m.0 != task));
+        assert_eq!(state(&k, vcpu), State::InGuest);
+        // the pager goes away: the next exit leaves the vCPU faulted, not resumed
+        let server = spawn(&mut k, root, 5, NIL);
+        tcb(&mut k, vcpu).pager = server;
+        tcb(&mut k, vcpu).supervisor = NIL;
+        let del = [crate::abi::thread_control::DELETE, server.raw(), 0, 0];
+        assert_eq!(sys(&mut k, root, Sysno::ThreadControl, del, msg(0, &[])), Next::Resume);
+        let halt = GuestExit { kind: guest::HALT as u8, size: 0, addr: 0, data: 0 };
+        assert_eq!(k.guest_exit(vcpu, halt), Next::Resume);
+        k.check();
+        assert_eq!(state(&k, vcpu), State::Faulted);
+        assert_eq!(k.machine.resumed.len(), 1);
+        // ... and exchange_registers cannot restart it behind its VM's back
+        let ex = [vcpu.raw(), exregs::RESUME, 0, 0];
+        assert_eq!(sys(&mut k, root, Sysno::ExchangeRegisters, ex, msg(0, &[])), Next::Resume);
+        assert_eq!(state(&k, vcpu), State::Faulted);
+        // an unprivileged task cannot make guests, nor a privileged guest
+        let flags = crate::abi::task_new::GUEST | crate::abi::task_new::PRIVILEGED;
+        assert_eq!(
+            sys(&mut k, root, Sysno::TaskNew, [root.raw(), 0, 0, flags], msg(0, &[])),
+            Next::Resume
+        );
+        assert_eq!(regs(&k, root).ret[0], crate::abi::Error::InvalidArgument as u64);
     }
 }

@@ -20,7 +20,7 @@
 //!   is walked in a loop.
 
 use crate::abi::{Error, Fpage, IdKind, MapItem, MsgTag, ThreadId, Timeout, MR_COUNT, PAGE_BITS};
-use crate::fault::Fault;
+use crate::fault::{Fault, GuestExit};
 use crate::kernel::Kernel;
 use crate::machine::{Context, Machine};
 use crate::mapdb::At;
@@ -190,6 +190,10 @@ impl<M: Machine> Kernel<M> {
                 self.threads[r].ctx.set_ip(msg[1]);
                 self.threads[r].ctx.set_sp(msg[2]);
             }
+            Some(Fault::Guest(e)) => {
+                let data = if tag.untyped() >= 1 { msg[1] } else { 0 };
+                self.threads[r].fault = Some(Fault::Guest(GuestExit { data, ..e }));
+            }
             Some(_) => {}
             None => {
                 let mut mrs = self.threads[r].ctx.mrs();
@@ -239,6 +243,7 @@ impl<M: Machine> Kernel<M> {
         self.clear_deadline(i);
         if self.threads[i].fault.is_some() {
             match result {
+                Ok(_) if self.tasks[self.threads[i].task].guest => self.enter_guest(i),
                 Ok(_) => {
                     self.threads[i].fault = None;
                     self.make_ready(i);

@@ -14,6 +14,7 @@ use crate::list::Links;
 use crate::machine::{Context, Machine};
 use crate::mapdb::{At, MapDb};
 use crate::sched::Sched;
+use crate::syscalls::TaskKind;
 use crate::task::Task;
 use crate::thread::{State, Thread};
 
@@ -104,7 +105,7 @@ impl<M: Machine> Kernel<M> {
             irqs_pending: 0,
         };
         // The tables are empty, so both land in slot 0 (`ROOT`).
-        let task = kernel.create_task(true).map_err(|_| BootError::NoMemory)?;
+        let task = kernel.create_task(TaskKind::Privileged).map_err(|_| BootError::NoMemory)?;
         kernel
             .create_thread(task, ThreadId::NIL, ThreadId::NIL, c.root_priority)
             .map_err(|_| BootError::NoMemory)?;
@@ -215,7 +216,23 @@ impl<M: Machine> Kernel<M> {
                 }
                 State::Faulted => assert!(t.fault.is_some()),
                 State::Halted => assert!(t.fault.is_none()),
+                State::InGuest => assert!(t.fault.is_none()),
                 _ => {}
+            }
+            if self.tasks[t.task].guest {
+                // a vCPU never runs in VM0; between exits it is in its guest
+                assert!(
+                    matches!(t.state, State::InGuest | State::Faulted)
+                        || (t.fault.is_some()
+                            && matches!(
+                                t.state,
+                                State::SendBlocked { .. } | State::RecvBlocked(_)
+                            )),
+                    "vCPU {i} in state {:?}",
+                    t.state
+                );
+            } else {
+                assert!(t.state != State::InGuest, "thread {i} of a VM0 task in a guest");
             }
             let blocked = matches!(t.state, State::SendBlocked { .. } | State::RecvBlocked(_));
             assert!(

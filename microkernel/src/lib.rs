@@ -68,9 +68,9 @@ mod prop_tests;
 #[cfg(test)]
 mod testing;
 
-pub use fault::Fault;
+pub use fault::{Fault, GuestExit};
 pub use kernel::{BootError, Config, Kernel, Next};
 #[cfg(any(test, feature = "invariants"))]
 pub use machine::HostRegs;
-pub use machine::{Context, Machine, NoMemory, PageTables};
-pub use syscalls::{Control, IrqOp, Syscall};
+pub use machine::{Context, Machine, NoMemory, PageTables, Space};
+pub use syscalls::{Control, IrqOp, Syscall, TaskKind};

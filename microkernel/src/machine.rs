@@ -5,7 +5,7 @@
 //! machine every change as it happens ([`PageTables`]), and it reaches a thread's user
 //! registers only through the saved [`Context`] that lives in the thread control block.
 
-use crate::abi::{Rights, TaskId, ARG_COUNT, MR_COUNT, RET_COUNT};
+use crate::abi::{Rights, TaskId, ThreadId, ARG_COUNT, MR_COUNT, RET_COUNT};
 
 /// The machine ran out of memory for page tables.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -18,8 +18,9 @@ pub struct NoMemory;
 /// entry if `task` is loaded). A present entry grants at least `rights`; the hardware
 /// may imply read from write or execute.
 pub trait PageTables {
-    /// Create the empty address space `task`.
-    fn create_space(&mut self, task: TaskId) -> Result<(), NoMemory>;
+    /// Create the empty address space `task`: user virtual memory, or the physical
+    /// memory of a guest VM (whose mappings the machine turns into the VM's memory).
+    fn create_space(&mut self, task: TaskId, kind: Space) -> Result<(), NoMemory>;
     /// Destroy `task`'s address space; the core has unmapped every page before.
     fn destroy_space(&mut self, task: TaskId);
     /// Enter a new mapping `vpn -> pfn`; `vpn` is currently unmapped in `task`.
@@ -28,6 +29,15 @@ pub trait PageTables {
     fn protect(&mut self, task: TaskId, vpn: u64, rights: Rights);
     /// Remove the present mapping at `vpn`.
     fn unmap(&mut self, task: TaskId, vpn: u64);
+}
+
+/// What an address space is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Space {
+    /// A task's user virtual addresses (`Config::user_start..user_end`).
+    User,
+    /// A guest VM's physical addresses (`0..abi::guest::PHYS_END`).
+    Guest,
 }
 
 /// The saved user-mode state of one thread (registers, FPU state, ...), in whatever
@@ -54,6 +64,9 @@ pub trait Machine: PageTables {
     fn irq_mask(&mut self, irq: u16);
     /// Unmask interrupt line `irq`.
     fn irq_unmask(&mut self, irq: u16);
+    /// Run guest vCPU `vcpu` of guest task `task`: the first time, or after an exit
+    /// whose handler replied `value` (the value an `in` or MMIO read returns).
+    fn guest_resume(&mut self, vcpu: ThreadId, task: TaskId, value: u64);
     /// Print `len` bytes of physical frame `pfn` starting at `offset` (within the frame)
     /// on the kernel console.
     fn debug_write(&mut self, pfn: u64, offset: u64, len: u64);

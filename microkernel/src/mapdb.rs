@@ -22,8 +22,8 @@
 use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 
-use crate::abi::{Error, Rights, TaskId};
-use crate::machine::{NoMemory, PageTables};
+use crate::abi::{guest, Error, Rights, TaskId, PAGE_BITS};
+use crate::machine::{NoMemory, PageTables, Space};
 
 type NodeId = usize;
 
@@ -64,8 +64,10 @@ pub struct MapDb {
     spaces: Vec<BTreeMap<u64, NodeId>>,
     /// The root node of each owned frame.
     roots: BTreeMap<u64, NodeId>,
-    /// The pages that may be mapped, `first..end`.
+    /// The pages that may be mapped in a user space, `first..end`.
     user: (u64, u64),
+    /// Which spaces are guest-physical (pages `0..guest::PHYS_END`).
+    guest: Vec<bool>,
 }
 
 impl MapDb {
@@ -74,7 +76,23 @@ impl MapDb {
     pub fn new(tasks: usize, capacity: usize, user: (u64, u64)) -> Self {
         let mut spaces = Vec::with_capacity(tasks);
         spaces.resize_with(tasks, BTreeMap::new);
-        Self { nodes: Vec::new(), free: Vec::new(), capacity, spaces, roots: BTreeMap::new(), user }
+        let guest = alloc::vec![false; tasks];
+        Self {
+            nodes: Vec::new(),
+            free: Vec::new(),
+            capacity,
+            spaces,
+            roots: BTreeMap::new(),
+            user,
+            guest,
+        }
+    }
+
+    /// Set what the (empty) space of `task` holds, and so which pages it may map.
+    pub fn set_kind(&mut self, task: TaskId, kind: Space) {
+        if let Some(g) = self.guest.get_mut(task.0 as usize) {
+            *g = kind == Space::Guest;
+        }
     }
 
     /// The frame and rights mapped at `at`.
@@ -99,7 +117,7 @@ impl MapDb {
         pfn: u64,
         rights: Rights,
     ) -> Result<(), Error> {
-        if rights.is_empty() || self.space(at.task).is_none() || !self.is_user(at.vpn) {
+        if rights.is_empty() || self.space(at.task).is_none() || !self.mappable(at.task, at.vpn) {
             return Err(Error::InvalidArgument);
         }
         if self.roots.contains_key(&pfn) || self.lookup(at).is_some() {
@@ -111,7 +129,7 @@ impl MapDb {
     }
 
     /// Map (or grant) the `2^order` pages from `src` to the same number from `dst`,
-    /// skipping unmapped source pages and destination pages outside the user range.
+    /// skipping unmapped source pages and destination pages the destination may not map.
     pub fn transfer(
         &mut self,
         pt: &mut impl PageTables,
@@ -126,7 +144,7 @@ impl MapDb {
         while let Some(vpn) = next.and_then(|first| self.next_mapped(src.task, first, last)) {
             next = vpn.checked_add(1);
             let Some(dst_vpn) = dst.vpn.checked_add(vpn - src.vpn) else { break };
-            if !self.is_user(dst_vpn) {
+            if !self.mappable(dst.task, dst_vpn) {
                 continue;
             }
             let (from, to) = (At { task: src.task, vpn }, At { task: dst.task, vpn: dst_vpn });
@@ -297,8 +315,11 @@ impl MapDb {
         None
     }
 
-    fn is_user(&self, vpn: u64) -> bool {
-        (self.user.0..self.user.1).contains(&vpn)
+    fn mappable(&self, task: TaskId, vpn: u64) -> bool {
+        match self.guest.get(task.0 as usize) {
+            Some(true) => vpn < guest::PHYS_END >> PAGE_BITS,
+            _ => (self.user.0..self.user.1).contains(&vpn),
+        }
     }
 
     fn is_ancestor_or_self(&self, a: NodeId, n: NodeId) -> bool {

@@ -25,6 +25,15 @@ pub enum Control {
     DeleteTask,
 }
 
+/// What `task_new` creates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TaskKind {
+    User,
+    Privileged,
+    /// A guest VM: guest-physical space, vCPU thread (see `fault.rs`).
+    Guest,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum IrqOp {
     Attach,
@@ -41,7 +50,7 @@ pub enum Syscall {
     Schedule { dest: ThreadId, prio: Option<u8>, timeslice: Option<u32> },
     ExchangeRegisters { dest: ThreadId, flags: u64, ip: u64, sp: u64 },
     ThreadControl { op: Control, target: ThreadId, pager: ThreadId, supervisor: ThreadId },
-    TaskNew { pager: ThreadId, ip: u64, sp: u64, privileged: bool },
+    TaskNew { pager: ThreadId, ip: u64, sp: u64, kind: TaskKind },
     IrqControl { op: IrqOp, irq: u16, thread: ThreadId },
     DebugWrite { addr: u64, len: u64 },
 }
@@ -102,7 +111,12 @@ impl Syscall {
                 pager: thread_or_nil(a[0])?,
                 ip: a[1],
                 sp: a[2],
-                privileged: flags(a[3], task_new::ALL)? & task_new::PRIVILEGED != 0,
+                kind: match flags(a[3], task_new::ALL)? {
+                    0 => TaskKind::User,
+                    task_new::PRIVILEGED => TaskKind::Privileged,
+                    task_new::GUEST => TaskKind::Guest,
+                    _ => return Err(Bad),
+                },
             },
             Sysno::IrqControl => Syscall::IrqControl {
                 op: match a[0] {
@@ -171,9 +185,7 @@ impl<M: Machine> Kernel<M> {
             Syscall::ThreadControl { op, target, pager, supervisor } => {
                 self.sys_thread_control(me, op, target, pager, supervisor)
             }
-            Syscall::TaskNew { pager, ip, sp, privileged } => {
-                self.sys_task_new(me, pager, ip, sp, privileged)
-            }
+            Syscall::TaskNew { pager, ip, sp, kind } => self.sys_task_new(me, pager, ip, sp, kind),
             Syscall::IrqControl { op, irq, thread } => self.sys_irq_control(me, op, irq, thread),
             Syscall::DebugWrite { addr, len } => self.sys_debug_write(me, addr, len),
         })

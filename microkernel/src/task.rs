@@ -8,9 +8,9 @@
 
 use crate::abi::{Error, Fpage, Rights, TaskId, ThreadId, DEBUG_WRITE_MAX, PAGE_BITS, PAGE_SIZE};
 use crate::kernel::Kernel;
-use crate::machine::{Context, Machine};
+use crate::machine::{Context, Machine, Space};
 use crate::mapdb::At;
-use crate::syscalls::SysResult;
+use crate::syscalls::{SysResult, TaskKind};
 
 #[derive(Clone, Copy, Debug)]
 pub struct Task {
@@ -18,18 +18,25 @@ pub struct Task {
     /// May use the privileged calls (`task_new`, `thread_control`, irq attach/detach,
     /// `schedule` and `exchange_registers` on other tasks).
     pub privileged: bool,
+    /// A guest VM: the space is guest-physical memory and the threads are vCPUs,
+    /// which never run in VM0 (`State::InGuest` or in exit IPC).
+    pub guest: bool,
     pub threads: u16,
 }
 
 impl Task {
-    pub const FREE: Self = Self { live: false, privileged: false, threads: 0 };
+    pub const FREE: Self = Self { live: false, privileged: false, guest: false, threads: 0 };
 }
 
 impl<M: Machine> Kernel<M> {
-    pub(crate) fn create_task(&mut self, privileged: bool) -> Result<usize, Error> {
+    pub(crate) fn create_task(&mut self, kind: TaskKind) -> Result<usize, Error> {
         let t = self.tasks.iter().position(|t| !t.live).ok_or(Error::NoMemory)?;
-        self.machine.create_space(TaskId(t as u16)).map_err(|_| Error::NoMemory)?;
-        self.tasks[t] = Task { live: true, privileged, threads: 0 };
+        let guest = kind == TaskKind::Guest;
+        let space = if guest { Space::Guest } else { Space::User };
+        self.machine.create_space(TaskId(t as u16), space).map_err(|_| Error::NoMemory)?;
+        self.mapdb.set_kind(TaskId(t as u16), space);
+        let privileged = kind == TaskKind::Privileged;
+        self.tasks[t] = Task { live: true, privileged, guest, threads: 0 };
         Ok(t)
     }
 
@@ -41,19 +48,20 @@ impl<M: Machine> Kernel<M> {
     }
 
     /// `task_new`: a new task with one ready thread at `ip`/`sp`, whose supervisor is the
-    /// caller (privileged).
+    /// caller (privileged). A guest task's thread is its vCPU: instead of running it
+    /// sends the `guest::START` exit to `pager` (see `fault.rs`).
     pub(crate) fn sys_task_new(
         &mut self,
         me: usize,
         pager: ThreadId,
         ip: u64,
         sp: u64,
-        privileged: bool,
+        kind: TaskKind,
     ) -> SysResult {
         if !self.privileged(me) {
             return Err(Error::NoPermission);
         }
-        let task = self.create_task(privileged)?;
+        let task = self.create_task(kind)?;
         let supervisor = self.threads[me].id;
         let t = match self.create_thread(task, pager, supervisor, self.threads[me].prio) {
             Ok(t) => t,
@@ -64,8 +72,13 @@ impl<M: Machine> Kernel<M> {
         };
         self.threads[t].ctx.set_ip(ip);
         self.threads[t].ctx.set_sp(sp);
-        self.make_ready(t);
-        Ok([self.threads[t].id.raw(), task as u64])
+        let id = self.threads[t].id;
+        if kind == TaskKind::Guest {
+            self.start_vcpu(t);
+        } else {
+            self.make_ready(t);
+        }
+        Ok([id.raw(), task as u64])
     }
 
     /// `unmap`: take the fpage's rights from every mapping derived from the caller's

@@ -8,7 +8,7 @@ use crate::abi::{
     Fpage, MsgTag, Rights, Sysno, TaskId, ThreadId, Timeout, ARG_COUNT, MR_COUNT, RET_COUNT,
 };
 use crate::kernel::{Config, Kernel, Next};
-use crate::machine::{Machine, NoMemory, PageTables};
+use crate::machine::{Machine, NoMemory, PageTables, Space};
 use crate::mapdb::At;
 
 /// Page tables as a map, checking that the core uses the interface as documented.
@@ -16,6 +16,7 @@ use crate::mapdb::At;
 pub struct Mirror {
     pub pt: BTreeMap<(TaskId, u64), (u64, Rights)>,
     pub spaces: BTreeSet<TaskId>,
+    pub guests: BTreeSet<TaskId>,
 }
 
 impl Mirror {
@@ -25,12 +26,16 @@ impl Mirror {
 }
 
 impl PageTables for Mirror {
-    fn create_space(&mut self, task: TaskId) -> Result<(), NoMemory> {
+    fn create_space(&mut self, task: TaskId, kind: Space) -> Result<(), NoMemory> {
         assert!(self.spaces.insert(task), "space {task:?} created twice");
+        if kind == Space::Guest {
+            self.guests.insert(task);
+        }
         Ok(())
     }
     fn destroy_space(&mut self, task: TaskId) {
         assert!(self.spaces.remove(&task));
+        self.guests.remove(&task);
         assert!(!self.pt.keys().any(|&(t, _)| t == task), "space destroyed with pages mapped");
     }
     fn map(&mut self, task: TaskId, vpn: u64, pfn: u64, rights: Rights) -> Result<(), NoMemory> {
@@ -55,11 +60,13 @@ pub struct TestMachine {
     pub mirror: Mirror,
     pub masked: BTreeSet<u16>,
     pub console: Vec<(u64, u64, u64)>,
+    /// `guest_resume` calls: (vCPU, task, value).
+    pub resumed: Vec<(ThreadId, TaskId, u64)>,
 }
 
 impl PageTables for TestMachine {
-    fn create_space(&mut self, task: TaskId) -> Result<(), NoMemory> {
-        self.mirror.create_space(task)
+    fn create_space(&mut self, task: TaskId, kind: Space) -> Result<(), NoMemory> {
+        self.mirror.create_space(task, kind)
     }
     fn destroy_space(&mut self, task: TaskId) {
         self.mirror.destroy_space(task)
@@ -85,6 +92,10 @@ impl Machine for TestMachine {
     }
     fn debug_write(&mut self, pfn: u64, offset: u64, len: u64) {
         self.console.push((pfn, offset, len));
+    }
+    fn guest_resume(&mut self, vcpu: ThreadId, task: TaskId, value: u64) {
+        assert!(self.mirror.guests.contains(&task), "resume of a vCPU outside a guest");
+        self.resumed.push((vcpu, task, value));
     }
 }
 
@@ -187,7 +198,7 @@ pub fn spawn(k: &mut K, near: ThreadId, prio: u8, pager: ThreadId) -> ThreadId {
 
 /// A new task with one ready thread at `prio`, paged by `pager`, supervised by root.
 pub fn spawn_task(k: &mut K, prio: u8, pager: ThreadId) -> ThreadId {
-    let task = k.create_task(false).unwrap();
+    let task = k.create_task(crate::TaskKind::User).unwrap();
     let root = k.root_thread();
     let i = k.create_thread(task, pager, root, prio).unwrap();
     k.make_ready(i);

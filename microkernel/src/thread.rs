@@ -27,6 +27,8 @@ pub enum State {
     RecvBlocked(Receive),
     /// A fault could not be delivered (no handler, or it died): stopped until resumed.
     Faulted,
+    /// A vCPU thread whose guest runs (outside VM0; only guest tasks' threads).
+    InGuest,
 }
 
 /// A receive phase.
@@ -163,6 +165,8 @@ impl<M: Machine> Kernel<M> {
         let t = self.live(target).ok_or(Error::NotExist)?;
         let task = self.threads[t].task;
         match op {
+            // One vCPU per guest for now: the machine runs one.
+            Control::Create if self.tasks[task].guest => Err(Error::InvalidArgument),
             Control::Create => {
                 let n = self.create_thread(task, pager, supervisor, self.threads[me].prio)?;
                 Ok([self.threads[n].id.raw(), task as u64])
@@ -204,6 +208,10 @@ impl<M: Machine> Kernel<M> {
         let d = self.live(dest).ok_or(Error::NotExist)?;
         if self.threads[d].task != self.threads[me].task && !self.privileged(me) {
             return Err(Error::NoPermission);
+        }
+        if self.tasks[self.threads[d].task].guest {
+            // A vCPU's registers live in its VM, and only its exits stop it.
+            return Err(Error::InvalidArgument);
         }
         let old = [self.threads[d].ctx.ip(), self.threads[d].ctx.sp()];
         if flags & (exregs::CANCEL | exregs::HALT) != 0 {

@@ -18,6 +18,7 @@ const TESTS: &[&str] = &[
     "irq_as_ipc",
     "preemption",
     "fault_restart",
+    "guest_exits_as_ipc",
 ];
 
 #[test]
@@ -59,4 +60,38 @@ fn microkernel_ipc_benchmark_reports_cycles_and_instructions() {
         "no instruction count:\n{}",
         run.output
     );
+}
+
+/// Hosted mode's lower half: a guest VM whose RAM is a region of VM0's RAM, mapped by a
+/// guest server task, whose port exits reach that task as IPC. The same tiny guest runs
+/// natively first; both must see every exit and every value read.
+#[test]
+fn guest_exits_reach_a_vm0_task_as_ipc_and_cost_is_reported() {
+    let run = run_guest("vmm --microkernel --bench-exit 2000", TIMEOUT);
+    run.expect("guest server: 2000 null exits as IPC")
+        .expect("null exit round trip, guest TSC cycles: native")
+        .expect_status(0);
+    assert!(
+        !run.output.contains("WRONG"),
+        "values lost:\n{}",
+        run.output
+    );
+    let line = run
+        .output
+        .lines()
+        .find(|l| l.contains("per hosted exit"))
+        .unwrap_or_else(|| panic!("no per-exit line:\n{}", run.output));
+    // 2,000 null exits + 16 `in`s + start, cycles (2), sum, done: at least 2,021 exits
+    let forwarded: u64 = line
+        .rsplit('(')
+        .next()
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no exit count in {line:?}"));
+    assert!(
+        forwarded >= 20_021,
+        "{forwarded} exits forwarded:\n{}",
+        run.output
+    );
+    eprintln!("{}", run.output);
 }

@@ -35,6 +35,7 @@
 //! | 0x0511      | raise IRQ: pulse IOAPIC pin n (the byte written), edge   |
 //! | 0x0512      | step count: n != 0 starts counting instructions by CPL   |
 //! |             | (single-step) for n round trips, 0 stops and prints      |
+//! | 0x0513      | hypercall (kernel only): guest VMs, `microkernel::bootinfo::hyper` |
 //!
 //! The kernel opens 0x510..=0x512 to user mode (TSS I/O bitmap).
 

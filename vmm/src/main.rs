@@ -45,13 +45,21 @@ struct Cli {
 
     /// With --microkernel: run every test task, print `PASS <name>` or `FAIL <name>` per
     /// test, exit 0 exactly when all pass.
-    #[arg(long, requires = "microkernel", conflicts_with = "bench_ipc")]
+    #[arg(long, requires = "microkernel", conflicts_with_all = ["bench_ipc", "bench_exit"])]
     selftest: bool,
 
     /// With --microkernel: the IPC micro-benchmark (call + reply_wait round trip between
     /// two address spaces: guest TSC cycles and ring-0 instructions per round trip).
-    #[arg(long, requires = "microkernel")]
+    #[arg(long, requires = "microkernel", conflicts_with = "bench_exit")]
     bench_ipc: bool,
+
+    /// With --microkernel: the guest-exit micro-benchmark. A tiny guest makes EXITS
+    /// (default 20000) port-I/O exits, first in a plain VM answered by the vmm (native),
+    /// then in a guest VM of VM0 whose exits reach a guest server task as IPC (hosted);
+    /// prints guest TSC cycles per exit round trip for both and what one hosted exit costs.
+    #[arg(long, requires = "microkernel", value_name = "EXITS", num_args = 0..=1,
+          default_missing_value = "20000", value_parser = clap::value_parser!(u32).range(1..))]
+    bench_exit: Option<u32>,
 
     /// Initial ramdisk (an initramfs cpio archive, optionally compressed) loaded with the kernel.
     #[arg(long, value_name = "PATH")]
@@ -149,9 +157,10 @@ fn validate(cli: &Cli) -> Result<VmConfig, VmmError> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = if cli.microkernel {
-        let mode = match (cli.selftest, cli.bench_ipc) {
-            (true, _) => vmm::mk::Mode::Selftest,
-            (_, true) => vmm::mk::Mode::BenchIpc,
+        let mode = match (cli.selftest, cli.bench_ipc, cli.bench_exit) {
+            (true, ..) => vmm::mk::Mode::Selftest,
+            (_, true, _) => vmm::mk::Mode::BenchIpc,
+            (.., Some(n)) => vmm::mk::Mode::BenchExit(n),
             _ => vmm::mk::Mode::Boot,
         };
         vmm::mk::run(mode)

@@ -25,6 +25,24 @@ impl Pool {
         (p + 4096 <= self.end.load(Ordering::SeqCst)).then_some(p)
     }
 
+    /// The address of `2^log2` fresh bytes aligned to their size (the pages skipped for
+    /// the alignment are lost).
+    pub fn run(&self, log2: u32) -> Option<u64> {
+        let size = 1u64 << log2;
+        let mut next = self.next.load(Ordering::SeqCst);
+        loop {
+            let base = next.checked_add(size - 1)? & !(size - 1);
+            let end = base.checked_add(size)?;
+            if end > self.end.load(Ordering::SeqCst) {
+                return None;
+            }
+            match self.next.compare_exchange(next, end, Ordering::SeqCst, Ordering::SeqCst) {
+                Ok(_) => return Some(base),
+                Err(now) => next = now,
+            }
+        }
+    }
+
     pub fn used(&self) -> u64 {
         self.next.load(Ordering::SeqCst)
     }

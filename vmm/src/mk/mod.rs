@@ -13,6 +13,7 @@
 
 pub mod bench;
 pub mod boot;
+pub mod guest;
 pub mod run;
 
 /// The kernel ELF.
@@ -35,6 +36,9 @@ pub enum Mode {
     Selftest,
     /// The IPC micro-benchmark.
     BenchIpc,
+    /// The guest-exit micro-benchmark: the exit-loop guest with this many null exits,
+    /// natively, then hosted.
+    BenchExit(u32),
 }
 
 impl Mode {
@@ -44,6 +48,7 @@ impl Mode {
             Mode::Boot => mode::BOOT,
             Mode::Selftest => mode::SELFTEST,
             Mode::BenchIpc => mode::BENCH,
+            Mode::BenchExit(_) => mode::BENCH_EXIT,
         }
     }
 }

@@ -1,22 +1,31 @@
 //! Running VM0: one vCPU in 64-bit mode at the kernel's entry, an in-kernel irqchip
-//! (LAPIC timer, IOAPIC), and the VM0 ports served in the vCPU loop.
+//! (LAPIC timer, IOAPIC), and the VM0 ports served in the vCPU loop, including the
+//! hypercalls that make and run guest VMs (`guest`).
 
 use std::io::Write;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use kvm_ioctls::{Cap, VcpuExit, VcpuFd};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use super::bench::StepCounter;
+use super::guest::{self, Guests};
 use super::{boot, Mode, VM0_MEMORY};
 use crate::layout::*;
 use crate::vm::{create_memory, dump_regs, kvm_err, open_kvm, Outcome};
 use crate::{cpuid, pvm, regs, VmmError};
+use microkernel::bootinfo::hyper;
 
 /// Boot the microkernel in VM0 and run it until it exits.
 pub fn run(mode: Mode) -> Result<Outcome, VmmError> {
+    let native = match mode {
+        Mode::BenchExit(n) => Some(guest::native(n)?),
+        _ => None,
+    };
     let kvm = open_kvm()?;
     let quirks = pvm::detected();
-    let vm = kvm.create_vm().map_err(kvm_err("create the VM"))?;
+    let vm = Arc::new(kvm.create_vm().map_err(kvm_err("create the VM"))?);
     let mem = create_memory(&vm, VM0_MEMORY)?;
     vm.set_tss_address(KVM_TSS_ADDRESS as usize)
         .map_err(kvm_err("set the TSS address"))?;
@@ -60,17 +69,69 @@ pub fn run(mode: Mode) -> Result<Outcome, VmmError> {
             None => println!("bench: TSC rate unknown"),
         }
     }
-    let outcome = vcpu_loop(&vm, vcpu, &mem, quirks);
+    let iterations = match mode {
+        Mode::BenchExit(n) => n,
+        _ => SELFTEST_EXITS,
+    };
+    let guests = Guests::new(open_kvm()?, vm.clone(), mem.clone(), iterations);
+    let stats = guests.stats.clone();
+    let (outcome, vm0_exits) = vcpu_loop(&vm, vcpu, &mem, quirks, guests);
+    if let Some(native) = native {
+        report_exits(native, &stats, vm0_exits);
+    }
+    // The guest vCPU threads may still hold the VMs: the process exit tears them down.
     std::mem::forget(vm);
     Ok(outcome)
 }
 
+/// Null exits of the exit-loop guest in the selftest's hosted test.
+const SELFTEST_EXITS: u32 = 200;
+
+/// `--bench-exit`: the exit-loop guest natively and hosted, side by side.
+fn report_exits(native: guest::LoopReport, stats: &guest::Stats, vm0_exits: u64) {
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    let hosted = guest::LoopReport {
+        nulls: load(&stats.nulls),
+        cycles: load(&stats.cycles),
+        sum: load(&stats.sum) as u8,
+    };
+    let exits = load(&stats.exits).max(1);
+    println!(
+        "bench-exit: null exit round trip, guest TSC cycles: native {:.0}, hosted {:.0} \
+         (hosted/native {:.1}) over {} and {} exits",
+        native.per_exit(),
+        hosted.per_exit(),
+        hosted.per_exit() / native.per_exit().max(1.0),
+        native.nulls,
+        hosted.nulls
+    );
+    println!(
+        "bench-exit: per hosted exit: {:.2} VM0 exits to the vmm, {:.2} RESUME hypercalls, \
+         1 interrupt into VM0, 2 IPCs (exit, reply), 2 host thread switches \
+         ({} exits forwarded)",
+        vm0_exits as f64 / exits as f64,
+        load(&stats.resumes) as f64 / exits as f64,
+        exits
+    );
+    if native.sum != guest::EXPECTED_SUM || hosted.sum != guest::EXPECTED_SUM {
+        println!(
+            "bench-exit: WRONG in values: sums native {} hosted {} (want {})",
+            native.sum,
+            hosted.sum,
+            guest::EXPECTED_SUM
+        );
+    }
+}
+
+/// Run VM0's vCPU until VM0 ends; also returns how many exits reached this loop.
 fn vcpu_loop(
     vm: &kvm_ioctls::VmFd,
     mut vcpu: VcpuFd,
     mem: &GuestMemoryMmap,
     quirks: bool,
-) -> Outcome {
+    mut guests: Guests,
+) -> (Outcome, u64) {
+    let mut exits = 0u64;
     let mut out = std::io::stdout().lock();
     let mut steps = StepCounter::new(quirks);
     let crash = |reason: String, vcpu: &VcpuFd| Outcome::Crashed {
@@ -80,7 +141,18 @@ fn vcpu_loop(
     };
     loop {
         let exit = vcpu.run();
+        exits += 1;
         let outcome = match exit {
+            Ok(VcpuExit::IoOut(hyper::PORT, data)) => {
+                let op = data.iter().rev().fold(0u32, |a, &b| a << 8 | u32::from(b));
+                match vcpu.get_regs() {
+                    Ok(r) => guests
+                        .hypercall(op, [r.rdi, r.rsi, r.r8, r.r9])
+                        .err()
+                        .map(|e| crash(format!("hypercall {op}: {e}"), &vcpu)),
+                    Err(e) => Some(crash(format!("read VM0 registers: {e}"), &vcpu)),
+                }
+            }
             Ok(VcpuExit::IoOut(port, data)) => {
                 let (port, value) = (port, data.first().copied().unwrap_or(0));
                 match port {
@@ -95,6 +167,8 @@ fn vcpu_loop(
                         reset: false,
                         status: value,
                     }),
+                    // the exit line is the vmm's alone: a task must not forge exits
+                    MK_RAISE_IRQ_PORT if u16::from(value) == hyper::EXIT_LINE => None,
                     MK_RAISE_IRQ_PORT => {
                         let line = u32::from(value);
                         let _ = vm.set_irq_line(line, true);
@@ -137,7 +211,7 @@ fn vcpu_loop(
         };
         if let Some(o) = outcome {
             let _ = out.flush();
-            return o;
+            return (o, exits);
         }
     }
 }

@@ -47,6 +47,7 @@ pub fn init() {
         ioapic_write(0x11 + 2 * line as u32, 0); // destination APIC 0
         ioapic_set(line, true);
     }
+    ioapic_set(microkernel::bootinfo::hyper::EXIT_LINE, false);
 }
 
 /// Mask or unmask IOAPIC `line` (edge triggered, fixed delivery to APIC 0).

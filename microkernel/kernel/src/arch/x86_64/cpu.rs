@@ -176,6 +176,36 @@ pub fn outb(port: u16, value: u8) {
     unsafe { asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack)) };
 }
 
+/// A hypercall to the vmm (`microkernel::bootinfo::hyper`).
+pub fn hypercall(op: u32, args: [u64; 4]) {
+    // SAFETY: port output to the vmm's hypercall port; it changes no register and no
+    // memory of ours (the vmm only reads the registers).
+    unsafe {
+        core::arch::asm!(
+            "out dx, eax",
+            in("dx") microkernel::bootinfo::hyper::PORT,
+            in("eax") op,
+            in("rdi") args[0],
+            in("rsi") args[1],
+            in("r8") args[2],
+            in("r9") args[3],
+            options(nostack, preserves_flags),
+        )
+    }
+}
+
+/// The guest exit the vmm wrote at `hyper::EXIT_RECORD`.
+pub fn exit_record() -> microkernel::bootinfo::hyper::ExitRecord {
+    use microkernel::bootinfo::hyper::{ExitRecord, EXIT_RECORD};
+    let mut w = [0u64; ExitRecord::WORDS];
+    for (i, x) in w.iter_mut().enumerate() {
+        // SAFETY: the record page is in the kernel's identity map of the first GiB and
+        // belongs to no task; the vmm wrote it before raising the exit line.
+        *x = unsafe { core::ptr::read_volatile((EXIT_RECORD as *const u64).add(i)) };
+    }
+    ExitRecord::from_words(w)
+}
+
 pub fn cr2() -> u64 {
     let v;
     // SAFETY: reading CR2 has no side effects.

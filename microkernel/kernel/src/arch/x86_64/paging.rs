@@ -10,8 +10,9 @@
 
 use core::ptr;
 
-use microkernel::abi::{Rights, TaskId};
-use microkernel::{Machine, NoMemory, PageTables};
+use microkernel::abi::{Rights, TaskId, ThreadId};
+use microkernel::bootinfo::hyper;
+use microkernel::{Machine, NoMemory, PageTables, Space};
 
 use super::{apic, console, cpu};
 
@@ -85,6 +86,8 @@ pub struct X86 {
     pub frames: Frames,
     /// PML4 frame per task (0: none).
     spaces: [u64; MAX_TASKS],
+    /// Guest tasks: no page table here, the vmm keeps the VM's memory (`hyper`).
+    guests: [bool; MAX_TASKS],
     /// The boot PDPT whose kernel entries every space copies.
     kernel_pdpt: u64,
     loaded: Option<TaskId>,
@@ -94,7 +97,14 @@ pub struct X86 {
 
 impl X86 {
     pub fn new(frames: Frames, kernel_pdpt: u64) -> Self {
-        Self { frames, spaces: [0; MAX_TASKS], kernel_pdpt, loaded: None, int_syscall: false }
+        Self {
+            frames,
+            spaces: [0; MAX_TASKS],
+            guests: [false; MAX_TASKS],
+            kernel_pdpt,
+            loaded: None,
+            int_syscall: false,
+        }
     }
 
     /// Load `task`'s page table.
@@ -108,6 +118,10 @@ impl X86 {
     }
 
     /// The leaf table and index for `vpn` in `task`, creating tables if `create`.
+    fn is_guest(&self, task: TaskId) -> bool {
+        self.guests.get(task.0 as usize).copied().unwrap_or(false)
+    }
+
     fn leaf(&mut self, task: TaskId, vpn: u64, create: bool) -> Option<(u64, usize)> {
         let mut t = *self.spaces.get(task.0 as usize).filter(|&&p| p != 0)?;
         for shift in [27u32, 18, 9] {
@@ -146,9 +160,14 @@ fn pte(pfn: u64, rights: Rights) -> u64 {
 }
 
 impl PageTables for X86 {
-    fn create_space(&mut self, task: TaskId) -> Result<(), NoMemory> {
+    fn create_space(&mut self, task: TaskId, kind: Space) -> Result<(), NoMemory> {
         let slot = self.spaces.get(task.0 as usize).ok_or(NoMemory)?;
         debug_assert!(*slot == 0);
+        if kind == Space::Guest {
+            self.guests[task.0 as usize] = true;
+            cpu::hypercall(hyper::CREATE, [task.0 as u64, 0, 0, 0]);
+            return Ok(());
+        }
         let pml4 = self.frames.alloc().ok_or(NoMemory)?;
         let Some(pdpt) = self.frames.alloc() else {
             self.frames.free(pml4);
@@ -162,6 +181,11 @@ impl PageTables for X86 {
     }
 
     fn destroy_space(&mut self, task: TaskId) {
+        if self.is_guest(task) {
+            self.guests[task.0 as usize] = false;
+            cpu::hypercall(hyper::DESTROY, [task.0 as u64, 0, 0, 0]);
+            return;
+        }
         let pml4 = core::mem::take(&mut self.spaces[task.0 as usize]);
         if pml4 == 0 {
             return;
@@ -188,6 +212,10 @@ impl PageTables for X86 {
     }
 
     fn map(&mut self, task: TaskId, vpn: u64, pfn: u64, rights: Rights) -> Result<(), NoMemory> {
+        if self.is_guest(task) {
+            cpu::hypercall(hyper::MAP, [task.0 as u64, vpn, pfn, rights.bits() as u64]);
+            return Ok(());
+        }
         let (t, i) = self.leaf(task, vpn, true).ok_or(NoMemory)?;
         write(t, i, pte(pfn, rights));
         self.flush(task, vpn);
@@ -195,6 +223,10 @@ impl PageTables for X86 {
     }
 
     fn protect(&mut self, task: TaskId, vpn: u64, rights: Rights) {
+        if self.is_guest(task) {
+            cpu::hypercall(hyper::PROTECT, [task.0 as u64, vpn, rights.bits() as u64, 0]);
+            return;
+        }
         if let Some((t, i)) = self.leaf(task, vpn, false) {
             let e = read(t, i);
             write(t, i, pte((e & ADDR) >> 12, rights));
@@ -203,6 +235,10 @@ impl PageTables for X86 {
     }
 
     fn unmap(&mut self, task: TaskId, vpn: u64) {
+        if self.is_guest(task) {
+            cpu::hypercall(hyper::UNMAP, [task.0 as u64, vpn, 0, 0]);
+            return;
+        }
         if let Some((t, i)) = self.leaf(task, vpn, false) {
             write(t, i, 0);
             self.flush(task, vpn);
@@ -219,6 +255,10 @@ impl Machine for X86 {
 
     fn irq_unmask(&mut self, irq: u16) {
         apic::ioapic_set(irq, false);
+    }
+
+    fn guest_resume(&mut self, vcpu: ThreadId, task: TaskId, value: u64) {
+        cpu::hypercall(hyper::RESUME, [task.0 as u64, vcpu.raw(), value, 0]);
     }
 
     fn debug_write(&mut self, pfn: u64, offset: u64, len: u64) {

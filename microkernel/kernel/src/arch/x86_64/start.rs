@@ -4,7 +4,7 @@
 //! the root task's memory (its image regions, stack and pool), and run it.
 
 use microkernel::abi::{Rights, ThreadId};
-use microkernel::bootinfo::{self, layout, BootInfo};
+use microkernel::bootinfo::{self, hyper, layout, BootInfo};
 use microkernel::{Config, Kernel};
 
 use super::console::Piece::{D, S, X};
@@ -69,7 +69,8 @@ extern "C" fn mk_start(boot_info: u64) -> ! {
         threads: 128,
         tasks: paging::MAX_TASKS as u16,
         mappings: 1 << 16,
-        irqs: trap::IRQ_LINES,
+        // the last line announces guest exits (`bootinfo::hyper`), no task gets it
+        irqs: hyper::EXIT_LINE,
         user_start: layout::USER_START,
         user_end: layout::USER_END,
         timeslice: 2,

@@ -2,16 +2,17 @@
 //! of syscalls, faults, exceptions and interrupts, and acting on the core's `Next`.
 //!
 //! Vectors: 0..32 CPU exceptions (14 = page fault), 32 the LAPIC timer (the core's
-//! tick), 33..57 IOAPIC lines 0..24 (interrupts as IPC). Anything else is ignored.
+//! tick), 33..56 IOAPIC lines 0..23 (interrupts as IPC), 56 line 23: a guest exit
+//! (`bootinfo::hyper`). Anything else is ignored.
 //! On kvm-pvm (boot flag `INT_SYSCALL`) the breakpoint trap `int3` is the system call:
 //! that host neither enters ring 0 on SYSCALL nor delivers `int n` from user mode for a
 //! guest that is not PVM-aware, but it does deliver #BP.
 
 use core::cell::UnsafeCell;
 
-use microkernel::abi::Rights;
-use microkernel::bootinfo::SYSCALL_VECTOR;
-use microkernel::{Kernel, Next};
+use microkernel::abi::{Rights, ThreadId};
+use microkernel::bootinfo::{hyper, SYSCALL_VECTOR};
+use microkernel::{GuestExit, Kernel, Next};
 
 use super::entry::{exit_to_user, idle, Ctx, Shared};
 use super::{apic, cpu, paging::X86};
@@ -105,6 +106,12 @@ fn interrupt(k: &mut Kernel<X86>, vector: u64) -> Next {
     apic::eoi();
     match vector {
         TIMER_VECTOR => k.tick(),
+        v if v == IRQ_VECTOR_BASE + hyper::EXIT_LINE as u64 => {
+            let r = cpu::exit_record();
+            let exit =
+                GuestExit { kind: r.kind as u8, size: r.size as u8, addr: r.addr, data: r.data };
+            k.guest_exit(ThreadId(r.vcpu as u32), exit)
+        }
         v if (IRQ_VECTOR_BASE..IRQ_VECTOR_BASE + IRQ_LINES as u64).contains(&v) => {
             k.interrupt((v - IRQ_VECTOR_BASE) as u16)
         }

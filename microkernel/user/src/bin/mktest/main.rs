@@ -14,6 +14,7 @@
 #![no_main]
 
 mod bench;
+mod guest;
 mod pager;
 mod tests;
 
@@ -95,6 +96,7 @@ extern "C" fn _start(pool: u64, pool_size: u64, run_mode: u64, me: u64, flags: u
     let status = match run_mode {
         mode::SELFTEST => tests::run_all(&root),
         mode::BENCH => bench::run(&root),
+        mode::BENCH_EXIT => guest::bench(&root),
         _ => {
             println!("root: up (pool {} KiB at {pool:#x}); tests and bench: vmm --microkernel --selftest | --bench-ipc", pool_size >> 10);
             0

@@ -10,7 +10,7 @@ use mkrt::{lang, port, println, sys};
 
 use crate::{booted, pager, park, report, Root, CHILD_STACK_TOP, POOL, REPORT};
 
-type Outcome = Result<(), &'static str>;
+pub type Outcome = Result<(), &'static str>;
 type Test = fn(&Root, &mut Tasks) -> Outcome;
 
 /// Every test: name and driver.
@@ -24,6 +24,7 @@ pub const TESTS: &[(&str, Test)] = &[
     ("irq_as_ipc", irq_as_ipc),
     ("preemption", preemption),
     ("fault_restart", fault_restart),
+    ("guest_exits_as_ipc", crate::guest::selftest),
 ];
 
 /// The tasks a test started; deleted when it ends, pass or fail.
@@ -44,12 +45,33 @@ impl Tasks {
         root: &Root,
         entry: extern "C" fn() -> !,
     ) -> Result<ThreadId, &'static str> {
-        let t = root.spawn(entry, 0).map_err(|_| "task_new failed")?;
+        self.spawn_with(root, entry, 0)
+    }
+
+    pub fn spawn_with(
+        &mut self,
+        root: &Root,
+        entry: extern "C" fn() -> !,
+        flags: u64,
+    ) -> Result<ThreadId, &'static str> {
+        let t = root.spawn(entry, flags).map_err(|_| "task_new failed")?;
+        self.add(t);
+        Ok(t)
+    }
+
+    /// Delete every task the test started.
+    pub fn kill_all(&self, root: &Root) {
+        for &t in &self.ids[..self.n] {
+            root.kill(t);
+        }
+    }
+
+    /// Delete `t`'s task when the test ends.
+    pub fn add(&mut self, t: ThreadId) {
         if self.n < self.ids.len() {
             self.ids[self.n] = t;
             self.n += 1;
         }
-        Ok(t)
     }
 }
 
@@ -58,9 +80,7 @@ pub fn run_all(root: &Root) -> u8 {
     for (name, test) in TESTS {
         let mut tasks = Tasks::default();
         let outcome = test(root, &mut tasks);
-        for &t in &tasks.ids[..tasks.n] {
-            root.kill(t);
-        }
+        tasks.kill_all(root);
         match outcome {
             Ok(()) => println!("PASS {name}"),
             Err(why) => {
