@@ -89,7 +89,7 @@ fn guest_exits_reach_a_vm0_task_as_ipc_and_cost_is_reported() {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no exit count in {line:?}"));
     assert!(
-        forwarded >= 20_021,
+        forwarded >= 2_021,
         "{forwarded} exits forwarded:\n{}",
         run.output
     );
