@@ -451,8 +451,15 @@ mod tests {
     /// writing into the part beyond 2^64 is an error.
     #[test]
     fn skip_over_a_buffer_that_wraps_counts_every_byte() {
-        let d = Descriptor { addr: 0xFFFF_FFFF_FFFF_FFC4, len: 61, writable: true };
-        let chain = Chain { head: 0, descs: alloc::vec![d] };
+        let d = Descriptor {
+            addr: 0xFFFF_FFFF_FFFF_FFC4,
+            len: 61,
+            writable: true,
+        };
+        let chain = Chain {
+            head: 0,
+            descs: alloc::vec![d],
+        };
         let mut w = chain.writer();
         w.skip(60);
         w.skip(1);

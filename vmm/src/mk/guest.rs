@@ -171,7 +171,8 @@ pub fn native(n: u32) -> Result<LoopReport, VmmError> {
     }
 }
 
-fn le(data: &[u8]) -> u64 {
+/// A little-endian value of up to 8 bytes (an exit's data).
+pub(crate) fn le(data: &[u8]) -> u64 {
     let mut b = [0u8; 8];
     let n = data.len().min(8);
     b[..n].copy_from_slice(&data[..n]);
@@ -436,7 +437,9 @@ impl Link {
                 Ok(_) | Err(_) => (self.rec(kind::SHUTDOWN, 0, 0, 0), None),
             };
             let shutdown = exit.kind == kind::SHUTDOWN;
-            self.publish(&report);
+            if exit.kind == kind::IO_OUT && exit.addr == u64::from(ports::DONE) {
+                self.publish(&report);
+            }
             let Some(value) = self.exit(exit, &resume) else {
                 return;
             };

@@ -144,7 +144,7 @@ fn vcpu_loop(
         exits += 1;
         let outcome = match exit {
             Ok(VcpuExit::IoOut(hyper::PORT, data)) => {
-                let op = data.iter().rev().fold(0u32, |a, &b| a << 8 | u32::from(b));
+                let op = guest::le(data) as u32;
                 match vcpu.get_regs() {
                     Ok(r) => guests
                         .hypercall(op, [r.rdi, r.rsi, r.r8, r.r9])
