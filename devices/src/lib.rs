@@ -5,7 +5,9 @@
 //!   see the guest only through small traits (`GuestMemory`, `Interrupt`, and one
 //!   backend trait per device). It builds without the `std` feature, for VM0 tasks.
 //! - `host` (feature `std`) implements those traits over vm-memory, eventfds, files,
-//!   tap devices and Unix sockets; `serial` and `platform` are host-side too.
+//!   tap devices and Unix sockets; `serial` (vm-superio's UART) is host-side too.
+//! - `platform` (power, reset, panic, exit-status ports) and `uart` (a transmit-only
+//!   16550A) are `no_std`: native mode and hosted mode's guest server share them.
 //! - Everything the guest writes is untrusted. A device never panics on guest input;
 //!   unknown registers read as all ones (port I/O) or zero (virtio) and ignore writes.
 //! - Devices do not decide the fate of the VM. They report what the guest asked for
@@ -19,10 +21,10 @@ pub mod virtio;
 
 #[cfg(feature = "std")]
 pub mod host;
-#[cfg(feature = "std")]
 pub mod platform;
 #[cfg(feature = "std")]
 pub mod serial;
+pub mod uart;
 
 /// Something the guest asked of the platform that the vmm must act on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -109,7 +109,7 @@ impl Machine for FuzzMachine {
         assert!(irq < self.irqs, "unmask of unknown line {irq}");
         self.masked.remove(&irq);
     }
-    fn guest_resume(&mut self, _vcpu: ThreadId, task: TaskId, _value: u64) {
+    fn guest_resume(&mut self, _vcpu: ThreadId, task: TaskId, _value: u64, _pulse: u32) {
         assert!(self.guests.contains(&task), "guest_resume outside a guest");
     }
     fn debug_write(&mut self, _pfn: u64, offset: u64, len: u64) {
@@ -619,6 +619,7 @@ fuzz_target!(|input: Input| {
                     size: 1 << (*kind >> 6),
                     addr: *addr,
                     data: *data,
+                    pulse: 0,
                 };
                 k.guest_exit(ThreadId(vcpu.get(&live) as u32), exit)
             }

@@ -306,7 +306,9 @@ pub mod label {
     pub const INTERRUPT: u64 = 0xFFFF_FFFF_FFFF;
     /// Guest exit (from a vCPU thread of a guest task): MR1 = kind | size << 8 (see
     /// [`super::guest`]), MR2 = port or guest-physical address, MR3 = the value written.
-    /// A reply with at least one word gives the value read (MR1) and resumes the vCPU.
+    /// The reply resumes the vCPU: MR1 (if sent) is the value read, MR2 (if sent) a mask
+    /// of the guest's IOAPIC pins to pulse first (bit n: pin n), and map items land in
+    /// the guest's physical memory.
     pub const GUEST_EXIT: u64 = 0xFFFF_FFFF_FFFC;
 }
 

@@ -24,6 +24,18 @@ pub mod mode {
     /// The guest-exit benchmark: a guest server runs the vmm's exit-loop guest with
     /// many exits and prints what they cost.
     pub const BENCH_EXIT: u64 = 3;
+    /// Hosted mode: a guest server runs the Linux guest the vmm loads (firmware role);
+    /// `argument` is the guest's RAM in MiB.
+    pub const HOSTED: u64 = 4;
+
+    /// The mode word: the mode in bits 0..8, its argument above.
+    pub const fn word(mode: u64, argument: u64) -> u64 {
+        mode | argument << 8
+    }
+    /// The mode and its argument from a mode word.
+    pub const fn split(word: u64) -> (u64, u64) {
+        (word & 0xff, word >> 8)
+    }
 }
 
 /// `BootInfo::flags`.
@@ -146,7 +158,10 @@ mod tests {
 /// physical memory, kept equal to the kernel's page table of that task page by page.
 /// A guest exit comes the other way: the vmm writes [`hyper::ExitRecord`] at
 /// [`hyper::EXIT_RECORD`] (VM0-physical) and pulses IOAPIC line [`hyper::EXIT_LINE`];
-/// the vCPU stays stopped until `RESUME`.
+/// the vCPU stays stopped until `RESUME`. An exit VM0 has not answered within
+/// [`hyper::REANNOUNCE_MS`] is announced again (same record, same `seq`); the kernel
+/// takes each `seq` once, so a repeated announcement is harmless and a lost one is
+/// not fatal.
 pub mod hyper {
     /// The hypercall port (opened to the kernel only).
     pub const PORT: u16 = 0x513;
@@ -160,7 +175,9 @@ pub mod hyper {
     /// Unmap guest-physical page `rsi` of task `rdi`.
     pub const UNMAP: u32 = 4;
     /// Run vCPU thread `rsi` of task `rdi`: the first time, or after an exit, with `r8`
-    /// the value an `in` or MMIO read returns.
+    /// the value an `in` or MMIO read returns, after pulsing (raise, lower) the guest's
+    /// IOAPIC pins in the mask `r9` (bit n: pin n): interrupts that the answered access
+    /// raised, such as a UART's transmitter-empty interrupt.
     pub const RESUME: u32 = 5;
     /// Change the rights of mapped guest-physical page `rsi` of task `rdi` to `r8`.
     pub const PROTECT: u32 = 6;
@@ -168,6 +185,8 @@ pub mod hyper {
     pub const EXIT_RECORD: u64 = 0x6000;
     /// The IOAPIC line that announces an exit (not attachable by tasks).
     pub const EXIT_LINE: u16 = 23;
+    /// How long the vmm waits for `RESUME` before announcing an exit again.
+    pub const REANNOUNCE_MS: u64 = 20;
 
     /// One exit, as five little-endian words at [`EXIT_RECORD`].
     #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -179,15 +198,17 @@ pub mod hyper {
         pub size: u64,
         pub addr: u64,
         pub data: u64,
+        /// The exit's number (from 1, increasing by one per exit).
+        pub seq: u64,
     }
 
     impl ExitRecord {
-        pub const WORDS: usize = 5;
+        pub const WORDS: usize = 6;
         pub fn to_words(self) -> [u64; Self::WORDS] {
-            [self.vcpu, self.kind, self.size, self.addr, self.data]
+            [self.vcpu, self.kind, self.size, self.addr, self.data, self.seq]
         }
         pub fn from_words(w: [u64; Self::WORDS]) -> Self {
-            Self { vcpu: w[0], kind: w[1], size: w[2], addr: w[3], data: w[4] }
+            Self { vcpu: w[0], kind: w[1], size: w[2], addr: w[3], data: w[4], seq: w[5] }
         }
     }
 }

@@ -42,6 +42,9 @@ pub struct GuestExit {
     pub addr: u64,
     /// The value written (`IO_OUT`, `MMIO_WRITE`); the reply's value once answered.
     pub data: u64,
+    /// Once answered: the guest interrupt lines (bit n: IOAPIC pin n) the reply asks to
+    /// pulse before the vCPU runs again (the reply's MR2).
+    pub pulse: u32,
 }
 
 impl Fault {
@@ -134,7 +137,7 @@ impl<M: Machine> Kernel<M> {
 
     /// The new vCPU thread `i` of a guest task sends its `START` exit.
     pub(crate) fn start_vcpu(&mut self, i: usize) {
-        let start = GuestExit { kind: guest::START as u8, size: 0, addr: 0, data: 0 };
+        let start = GuestExit { kind: guest::START as u8, size: 0, addr: 0, data: 0, pulse: 0 };
         self.raise_to(i, Fault::Guest(start), self.threads[i].pager);
     }
 
@@ -150,13 +153,13 @@ impl<M: Machine> Kernel<M> {
 
     /// The vCPU thread `i` got its handler's answer: back into the guest.
     pub(crate) fn enter_guest(&mut self, i: usize) {
-        let value = match self.threads[i].fault.take() {
-            Some(Fault::Guest(e)) => e.data,
-            _ => 0,
+        let (value, pulse) = match self.threads[i].fault.take() {
+            Some(Fault::Guest(e)) => (e.data, e.pulse),
+            _ => (0, 0),
         };
         self.make_blocked(i, State::InGuest);
         let (id, task) = (self.threads[i].id, self.task_id(i));
-        self.machine.guest_resume(id, task, value);
+        self.machine.guest_resume(id, task, value, pulse);
     }
 }
 
@@ -304,25 +307,41 @@ mod tests {
         reply[1..3].copy_from_slice(&MapItem { grant: false, hotspot: 0, fpage: ram }.raw());
         assert_eq!(ipc(&mut k, root, vcpu, NIL, ZERO, ZERO, reply), Next::Resume);
         assert_eq!(state(&k, vcpu), State::InGuest);
-        assert_eq!(k.machine.resumed, [(vcpu, task, 0)]);
+        assert_eq!(k.machine.resumed, [(vcpu, task, 0, 0)]);
         for p in 0..16 {
             assert_eq!(k.mapdb.lookup(At { task, vpn: p }), Some((0x100 + p, Rights::ALL)));
         }
         // an `in` exit: the reply's first word is the value read
-        let exit = GuestExit { kind: guest::IO_IN as u8, size: 1, addr: 0x81, data: 0 };
+        let exit = GuestExit { kind: guest::IO_IN as u8, size: 1, addr: 0x81, data: 0, pulse: 0 };
         assert_eq!(k.guest_exit(vcpu, exit), Next::Resume, "root runs on; the vCPU waits");
         k.check();
         assert_eq!(ipc(&mut k, root, NIL, ANY, ZERO, NEVER, msg(0, &[])), Next::Resume);
         assert_eq!(regs(&k, root).mrs[1..4], [guest::IO_IN | 1 << 8, 0x81, 0]);
         assert_eq!(ipc(&mut k, root, vcpu, NIL, ZERO, ZERO, msg(0, &[0x42])), Next::Resume);
-        assert_eq!(k.machine.resumed.last(), Some(&(vcpu, task, 0x42)));
+        assert_eq!(k.machine.resumed.last(), Some(&(vcpu, task, 0x42, 0)));
         // an `out` exit carries the value written; an empty reply resumes with 0
-        let out = GuestExit { kind: guest::IO_OUT as u8, size: 4, addr: 0x84, data: 0xdead_beef };
+        let out = GuestExit {
+            kind: guest::IO_OUT as u8,
+            size: 4,
+            addr: 0x84,
+            data: 0xdead_beef,
+            pulse: 0,
+        };
         assert_eq!(k.guest_exit(vcpu, out), Next::Resume);
         assert_eq!(ipc(&mut k, root, NIL, ANY, ZERO, NEVER, msg(0, &[])), Next::Resume);
         assert_eq!(regs(&k, root).mrs[1..4], [guest::IO_OUT | 4 << 8, 0x84, 0xdead_beef]);
         assert_eq!(ipc(&mut k, root, vcpu, NIL, ZERO, ZERO, msg(0, &[])), Next::Resume);
-        assert_eq!(k.machine.resumed.last(), Some(&(vcpu, task, 0)));
+        assert_eq!(k.machine.resumed.last(), Some(&(vcpu, task, 0, 0)));
+        // the reply's second word names guest interrupt lines to pulse on resume
+        assert_eq!(k.guest_exit(vcpu, out), Next::Resume);
+        assert_eq!(ipc(&mut k, root, NIL, ANY, ZERO, NEVER, msg(0, &[])), Next::Resume);
+        assert_eq!(ipc(&mut k, root, vcpu, NIL, ZERO, ZERO, msg(0, &[0, 1 << 4])), Next::Resume);
+        assert_eq!(k.machine.resumed.last(), Some(&(vcpu, task, 0, 1 << 4)));
+        // and a value left over from an earlier reply is not pulsed again
+        assert_eq!(k.guest_exit(vcpu, out), Next::Resume);
+        assert_eq!(ipc(&mut k, root, NIL, ANY, ZERO, NEVER, msg(0, &[])), Next::Resume);
+        assert_eq!(ipc(&mut k, root, vcpu, NIL, ZERO, ZERO, msg(0, &[7])), Next::Resume);
+        assert_eq!(k.machine.resumed.last(), Some(&(vcpu, task, 7, 0)));
         // reports for threads that are not in a guest change nothing
         assert_eq!(k.guest_exit(root, exit), Next::Resume);
         assert_eq!(k.guest_exit(ThreadId::new(15, 9), exit), Next::Resume);
@@ -364,7 +383,7 @@ mod tests {
         tcb(&mut k, vcpu).supervisor = NIL;
         let del = [crate::abi::thread_control::DELETE, server.raw(), 0, 0];
         assert_eq!(sys(&mut k, root, Sysno::ThreadControl, del, msg(0, &[])), Next::Resume);
-        let halt = GuestExit { kind: guest::HALT as u8, size: 0, addr: 0, data: 0 };
+        let halt = GuestExit { kind: guest::HALT as u8, size: 0, addr: 0, data: 0, pulse: 0 };
         assert_eq!(k.guest_exit(vcpu, halt), Next::Resume);
         k.check();
         assert_eq!(state(&k, vcpu), State::Faulted);

@@ -192,7 +192,8 @@ impl<M: Machine> Kernel<M> {
             }
             Some(Fault::Guest(e)) => {
                 let data = if tag.untyped() >= 1 { msg[1] } else { 0 };
-                self.threads[r].fault = Some(Fault::Guest(GuestExit { data, ..e }));
+                let pulse = if tag.untyped() >= 2 { msg[2] as u32 } else { 0 };
+                self.threads[r].fault = Some(Fault::Guest(GuestExit { data, pulse, ..e }));
             }
             Some(_) => {}
             None => {

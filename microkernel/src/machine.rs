@@ -65,8 +65,9 @@ pub trait Machine: PageTables {
     /// Unmask interrupt line `irq`.
     fn irq_unmask(&mut self, irq: u16);
     /// Run guest vCPU `vcpu` of guest task `task`: the first time, or after an exit
-    /// whose handler replied `value` (the value an `in` or MMIO read returns).
-    fn guest_resume(&mut self, vcpu: ThreadId, task: TaskId, value: u64);
+    /// whose handler replied `value` (the value an `in` or MMIO read returns), after
+    /// pulsing the guest's interrupt lines in the mask `pulse` (bit n: IOAPIC pin n).
+    fn guest_resume(&mut self, vcpu: ThreadId, task: TaskId, value: u64, pulse: u32);
     /// Print `len` bytes of physical frame `pfn` starting at `offset` (within the frame)
     /// on the kernel console.
     fn debug_write(&mut self, pfn: u64, offset: u64, len: u64);

@@ -60,8 +60,8 @@ pub struct TestMachine {
     pub mirror: Mirror,
     pub masked: BTreeSet<u16>,
     pub console: Vec<(u64, u64, u64)>,
-    /// `guest_resume` calls: (vCPU, task, value).
-    pub resumed: Vec<(ThreadId, TaskId, u64)>,
+    /// `guest_resume` calls: (vCPU, task, value, interrupt lines pulsed).
+    pub resumed: Vec<(ThreadId, TaskId, u64, u32)>,
 }
 
 impl PageTables for TestMachine {
@@ -93,9 +93,9 @@ impl Machine for TestMachine {
     fn debug_write(&mut self, pfn: u64, offset: u64, len: u64) {
         self.console.push((pfn, offset, len));
     }
-    fn guest_resume(&mut self, vcpu: ThreadId, task: TaskId, value: u64) {
+    fn guest_resume(&mut self, vcpu: ThreadId, task: TaskId, value: u64, pulse: u32) {
         assert!(self.mirror.guests.contains(&task), "resume of a vCPU outside a guest");
-        self.resumed.push((vcpu, task, value));
+        self.resumed.push((vcpu, task, value, pulse));
     }
 }
 

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use vmm::layout::MIN_MEMORY;
+use vmm::mk::MAX_HOSTED_MEMORY;
 use vmm::size::{host_memory, parse_size};
 use vmm::virtio::{DeviceConfig, DiskSpec, NetSpec, VsockSpec};
 use vmm::vm::{self, Outcome, VmConfig};
@@ -16,6 +17,8 @@ const EXIT_VMM_ERROR: u8 = 1;
 const EXIT_GUEST_CRASHED: u8 = 3;
 
 const DEFAULT_CMDLINE: &str = "console=ttyS0 panic=-1 pci=off";
+const DEFAULT_MEMORY: u64 = 512 << 20;
+const DEFAULT_HOSTED_MEMORY: u64 = 128 << 20;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -40,8 +43,14 @@ struct Cli {
     kernel: Option<PathBuf>,
 
     /// Boot the embedded microkernel alone in its own VM (VM0) instead of Linux.
-    #[arg(long, conflicts_with_all = ["kernel", "initrd", "disks", "net", "vsock"])]
+    #[arg(long, conflicts_with_all = ["kernel", "initrd", "disks", "net", "vsock", "hosted"])]
     microkernel: bool,
+
+    /// Hosted mode: run the guest on top of the microkernel. VM0 boots the microkernel;
+    /// the guest's RAM is part of VM0's and every exit KVM does not absorb is an IPC to
+    /// a guest server task in VM0. Without it (native), the vmm serves the exits itself.
+    #[arg(long)]
+    hosted: bool,
 
     /// With --microkernel: run every test task, print `PASS <name>` or `FAIL <name>` per
     /// test, exit 0 exactly when all pass.
@@ -71,8 +80,9 @@ struct Cli {
     cmdline: String,
 
     /// Guest RAM: a number with an optional K, M, G or T suffix (a bare number is MiB).
-    #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = parse_size)]
-    memory: u64,
+    /// Default 512M; 128M (also the most) with --hosted.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    memory: Option<u64>,
 
     /// Number of vCPUs.
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..))]
@@ -105,19 +115,57 @@ struct Cli {
     no_seccomp: bool,
 }
 
+/// What hosted mode does not do yet, as the error the user sees.
+fn check_hosted(cli: &Cli, memory: u64) -> Result<(), VmmError> {
+    let no = |what: &str| {
+        Err(VmmError::Config(format!(
+            "{what} is not available with --hosted yet: hosted mode has no virtio device tasks \
+             and one vCPU (run without --hosted for it)"
+        )))
+    };
+    if !cli.disks.is_empty() {
+        return no("--disk");
+    }
+    if cli.net.is_some() {
+        return no("--net");
+    }
+    if cli.vsock.is_some() {
+        return no("--vsock");
+    }
+    if cli.cpus > 1 {
+        return no("--cpus above 1");
+    }
+    if memory > MAX_HOSTED_MEMORY || !memory.is_multiple_of(1 << 20) {
+        return Err(VmmError::Config(format!(
+            "--memory {memory} bytes with --hosted: it must be whole MiB and at most {} MiB \
+             (the microkernel's mapping database holds every 4 KiB page of a hosted guest)",
+            MAX_HOSTED_MEMORY >> 20
+        )));
+    }
+    Ok(())
+}
+
 fn validate(cli: &Cli) -> Result<VmConfig, VmmError> {
-    if cli.memory < MIN_MEMORY {
+    let memory = cli.memory.unwrap_or(if cli.hosted {
+        DEFAULT_HOSTED_MEMORY
+    } else {
+        DEFAULT_MEMORY
+    });
+    if cli.hosted {
+        check_hosted(cli, memory)?;
+    }
+    if memory < MIN_MEMORY {
         return Err(VmmError::Config(format!(
             "--memory {} MiB is too small: a Linux guest needs at least {} MiB",
-            cli.memory >> 20,
+            memory >> 20,
             MIN_MEMORY >> 20
         )));
     }
     if let Some(host) = host_memory() {
-        if cli.memory > host {
+        if memory > host {
             return Err(VmmError::Config(format!(
                 "--memory {} MiB is more than this host's {} MiB of RAM",
-                cli.memory >> 20,
+                memory >> 20,
                 host >> 20
             )));
         }
@@ -142,7 +190,7 @@ fn validate(cli: &Cli) -> Result<VmConfig, VmmError> {
         kernel,
         initrd: cli.initrd.clone(),
         cmdline: cli.cmdline.clone(),
-        mem_size: cli.memory,
+        mem_size: memory,
         cpus: cli.cpus,
         devices: DeviceConfig {
             disks: cli.disks.clone(),
@@ -165,7 +213,13 @@ fn main() -> ExitCode {
         };
         vmm::mk::run(mode)
     } else {
-        validate(&cli).and_then(|cfg| vm::run(&cfg))
+        validate(&cli).and_then(|cfg| {
+            if cli.hosted {
+                vmm::mk::run_hosted(&cfg)
+            } else {
+                vm::run(&cfg)
+            }
+        })
     };
     match result {
         Ok(Outcome::Stopped { status, .. }) => ExitCode::from(status),

@@ -166,49 +166,14 @@ fn run_prepared(cfg: &VmConfig, prepared: virtio::Prepared) -> Result<Outcome, V
 
     let vm = kvm.create_vm().map_err(kvm_err("create the VM"))?;
     let mem = create_memory(&vm, cfg.mem_size)?;
-    vm.set_tss_address(KVM_TSS_ADDRESS as usize)
-        .map_err(kvm_err("set the TSS address"))?;
-    vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
-        .map_err(kvm_err("set the identity map address"))?;
-    vm.create_irq_chip()
-        .map_err(kvm_err("create the in-kernel irqchip"))?;
-    let pit = kvm_pit_config {
-        flags: KVM_PIT_SPEAKER_DUMMY,
-        ..Default::default()
-    };
-    vm.create_pit2(pit)
-        .map_err(kvm_err("create the in-kernel PIT"))?;
+    setup_platform(&vm)?;
 
-    // Load the guest.
-    let kernel = boot::load_kernel(&mem, cfg.mem_size, &cfg.kernel)?;
-    let initrd = cfg
-        .initrd
-        .as_ref()
-        .map(|p| boot::load_initrd(&mem, cfg.mem_size, &kernel, p))
-        .transpose()?;
     // Every thread — vCPUs, the event loop (if any device), stdin, main — installs its
     // filter and waits for the others before it touches the guest.
     let threads = usize::from(cfg.cpus) + usize::from(!prepared.is_empty()) + 2;
     let sandbox = Arc::new(Sandbox::new(cfg.seccomp, threads)?);
     let (mmio, virtio_devices) = virtio::attach(&vm, &mem, prepared, &sandbox)?;
-    let rsdp = acpi::write_tables(&mem, cfg.cpus, &virtio_devices)?;
-    let mut cmdline = Cmdline::new(CMDLINE_MAX_SIZE)?;
-    let (kernel_args, init_args) = split_init_args(&cfg.cmdline);
-    cmdline.insert_str(kernel_args)?;
-    if quirks {
-        cmdline.insert_str(pvm::KERNEL_PARAMS)?;
-    }
-    if kernel_args.split(' ').any(|w| w == "acpi=off") {
-        // No DSDT to find the devices in: name them on the command line
-        // (CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES).
-        for (i, d) in virtio_devices.iter().enumerate() {
-            cmdline.add_virtio_mmio_device(d.len, GuestAddress(d.base), d.gsi, Some(i as u32))?;
-        }
-    }
-    if let Some(init) = init_args {
-        cmdline.insert_init_args(init)?;
-    }
-    boot::write_boot_params(&mem, cfg.mem_size, &kernel, initrd.as_ref(), &cmdline, rsdp)?;
+    let entry = load_guest(cfg, &mem, &virtio_devices, quirks)?;
 
     // Devices.
     let state = Arc::new(VmState::default());
@@ -242,20 +207,9 @@ fn run_prepared(cfg: &VmConfig, prepared: virtio::Prepared) -> Result<Outcome, V
         let vcpu = vm
             .create_vcpu(u64::from(id))
             .map_err(kvm_err("create a vCPU"))?;
-        let tsc_khz = if kvm.check_extension(Cap::GetTscKhz) {
-            vcpu.get_tsc_khz().ok()
-        } else {
-            None
-        };
-        if let (Some(khz), true) = (tsc_khz, kvm.check_extension(Cap::TscControl)) {
-            // Pin the guest TSC to the host's rate so the guest can trust it.
-            let _ = vcpu.set_tsc_khz(khz);
-        }
-        let cpuid = cpuid::vcpu_cpuid(&supported, id, cfg.cpus, tsc_khz, &masks);
-        vcpu.set_cpuid2(&cpuid).map_err(kvm_err("set CPUID"))?;
-        regs::setup_common(&vcpu)?;
+        setup_vcpu(&kvm, &vcpu, (id, cfg.cpus), &supported, &masks)?;
         if id == 0 {
-            regs::setup_boot_cpu(&vcpu, &mem, kernel.entry)?;
+            regs::setup_boot_cpu(&vcpu, &mem, entry)?;
         }
         vcpus.push(vcpu);
     }
@@ -291,6 +245,81 @@ fn run_prepared(cfg: &VmConfig, prepared: virtio::Prepared) -> Result<Outcome, V
     // The VM, its memory and the vCPU threads end with the process.
     std::mem::forget(vm);
     Ok(outcome)
+}
+
+/// A guest VM's platform in KVM: TSS and identity-map pages, LAPIC + IOAPIC + PIC,
+/// and the PIT (the devices a native and a hosted guest both get from KVM).
+pub fn setup_platform(vm: &VmFd) -> Result<(), VmmError> {
+    vm.set_tss_address(KVM_TSS_ADDRESS as usize)
+        .map_err(kvm_err("set the TSS address"))?;
+    vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
+        .map_err(kvm_err("set the identity map address"))?;
+    vm.create_irq_chip()
+        .map_err(kvm_err("create the in-kernel irqchip"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit)
+        .map_err(kvm_err("create the in-kernel PIT"))
+}
+
+/// Load the kernel, initrd, ACPI tables, command line and boot parameters into `mem`
+/// (`cfg.mem_size` bytes at 0): the firmware's work. Returns the kernel entry.
+pub fn load_guest(
+    cfg: &VmConfig,
+    mem: &GuestMemoryMmap,
+    virtio_devices: &[acpi::MmioDeviceInfo],
+    quirks: bool,
+) -> Result<GuestAddress, VmmError> {
+    let kernel = boot::load_kernel(mem, cfg.mem_size, &cfg.kernel)?;
+    let initrd = cfg
+        .initrd
+        .as_ref()
+        .map(|p| boot::load_initrd(mem, cfg.mem_size, &kernel, p))
+        .transpose()?;
+    let rsdp = acpi::write_tables(mem, cfg.cpus, virtio_devices)?;
+    let mut cmdline = Cmdline::new(CMDLINE_MAX_SIZE)?;
+    let (kernel_args, init_args) = split_init_args(&cfg.cmdline);
+    cmdline.insert_str(kernel_args)?;
+    if quirks {
+        cmdline.insert_str(pvm::KERNEL_PARAMS)?;
+    }
+    if kernel_args.split(' ').any(|w| w == "acpi=off") {
+        // No DSDT to find the devices in: name them on the command line
+        // (CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES).
+        for (i, d) in virtio_devices.iter().enumerate() {
+            cmdline.add_virtio_mmio_device(d.len, GuestAddress(d.base), d.gsi, Some(i as u32))?;
+        }
+    }
+    if let Some(init) = init_args {
+        cmdline.insert_init_args(init)?;
+    }
+    boot::write_boot_params(mem, cfg.mem_size, &kernel, initrd.as_ref(), &cmdline, rsdp)?;
+    Ok(kernel.entry)
+}
+
+/// CPUID, TSC rate and the common registers of vCPU `id` of `cpus`.
+pub fn setup_vcpu(
+    kvm: &Kvm,
+    vcpu: &VcpuFd,
+    (id, cpus): (u8, u8),
+    supported: &kvm_bindings::CpuId,
+    masks: &[cpuid::CpuidMask],
+) -> Result<(), VmmError> {
+    let tsc_khz = if kvm.check_extension(Cap::GetTscKhz) {
+        vcpu.get_tsc_khz().ok()
+    } else {
+        None
+    };
+    if let (Some(khz), true) = (tsc_khz, kvm.check_extension(Cap::TscControl)) {
+        // Pin the guest TSC to the host's rate so the guest can trust it.
+        let _ = vcpu.set_tsc_khz(khz);
+    }
+    let cpuid = cpuid::vcpu_cpuid(supported, id, cpus, tsc_khz, masks);
+    vcpu.set_cpuid2(&cpuid).map_err(kvm_err("set CPUID"))?;
+    regs::setup_common(vcpu)?;
+    Ok(())
 }
 
 /// Split `kernel args -- init args` at the first standalone `--`.

@@ -28,10 +28,15 @@ impl Pool {
     /// The address of `2^log2` fresh bytes aligned to their size (the pages skipped for
     /// the alignment are lost).
     pub fn run(&self, log2: u32) -> Option<u64> {
-        let size = 1u64 << log2;
+        self.take(1 << log2, 1 << log2)
+    }
+
+    /// The address of `size` fresh bytes aligned to `align` (a power of two, at least a
+    /// page; the pages skipped for the alignment are lost).
+    pub fn take(&self, size: u64, align: u64) -> Option<u64> {
         let mut next = self.next.load(Ordering::SeqCst);
         loop {
-            let base = next.checked_add(size - 1)? & !(size - 1);
+            let base = next.checked_add(align - 1)? & !(align - 1);
             let end = base.checked_add(size)?;
             if end > self.end.load(Ordering::SeqCst) {
                 return None;

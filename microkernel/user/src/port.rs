@@ -14,7 +14,25 @@ pub fn outb(port: u16, value: u8) {
 
 /// End VM0: the vmm exits with `status`.
 pub fn exit(status: u8) -> ! {
-    outb(EXIT, status);
+    end(ENDED, status)
+}
+
+/// How a hosted guest ended, for [`end`] (the vmm's `Outcome`).
+pub const ENDED: u8 = 0;
+/// The guest kernel panicked.
+pub const ENDED_PANIC: u8 = 1;
+/// The guest's vCPU stopped (triple fault, internal error).
+pub const ENDED_STOPPED: u8 = 2;
+/// The guest could not be started.
+pub const ENDED_FAILED: u8 = 3;
+
+/// End VM0 with a two-byte write to the exit port: `status`, then `how`.
+pub fn end(how: u8, status: u8) -> ! {
+    let word = u16::from(how) << 8 | u16::from(status);
+    // SAFETY: port output to the vmm; the kernel permits exactly these ports.
+    unsafe {
+        core::arch::asm!("out dx, ax", in("dx") EXIT, in("ax") word, options(nomem, nostack))
+    };
     loop {
         core::hint::spin_loop();
     }

@@ -14,8 +14,9 @@
 //! thread → back).
 //!
 //! The vmm keeps the firmware role only: when a vCPU first runs, it loads the guest's
-//! program and boot registers into the guest's RAM (today the exit-loop guest below;
-//! the Linux loader comes with `--hosted`).
+//! program and boot registers into the guest's RAM (`Firmware`: the exit-loop guest
+//! below, or a Linux kernel, initrd, boot parameters and ACPI tables for `--hosted`,
+//! with the same loader as native mode). Everything after that goes through VM0.
 //!
 //! Limits: one vCPU per guest; a guest is destroyed only while its vCPU waits in an
 //! exit (the vCPU thread then ends), which is when its server deletes it.
@@ -31,8 +32,9 @@ use microkernel::abi::guest as kind;
 use microkernel::bootinfo::hyper::{self, ExitRecord};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-use crate::vm::{create_memory, kvm_err};
-use crate::{cpuid, pvm, regs, VmmError};
+use crate::layout::IOAPIC_PINS;
+use crate::vm::{self, create_memory, dump_regs, kvm_err, VmConfig};
+use crate::{pvm, regs, VmmError};
 
 /// Guest RAM of the exit-loop guest (its guest server maps this much at 0).
 pub const GUEST_RAM: u64 = 1 << 20;
@@ -120,24 +122,53 @@ impl LoopReport {
     }
 }
 
-/// Write the exit-loop program and the boot page tables into `mem` and point `vcpu` at
-/// it.
-fn firmware(kvm: &Kvm, vcpu: &VcpuFd, mem: &GuestMemoryMmap, n: u32) -> Result<(), VmmError> {
-    mem.write_slice(&payload(n), GuestAddress(PAYLOAD_ADDR))
-        .map_err(|e| VmmError::Config(format!("cannot load the exit-loop guest: {e}")))?;
-    let supported = kvm
-        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-        .map_err(kvm_err("read supported CPUID"))?;
-    let masks = if pvm::detected() {
-        pvm::cpuid_masks()
-    } else {
-        Vec::new()
-    };
-    vcpu.set_cpuid2(&cpuid::vcpu_cpuid(&supported, 0, 1, None, &masks))
-        .map_err(kvm_err("set CPUID"))?;
-    regs::setup_common(vcpu)?;
-    regs::setup_boot_cpu(vcpu, mem, GuestAddress(PAYLOAD_ADDR))?;
-    Ok(())
+/// What the vmm loads into a guest before its vCPU first runs.
+#[derive(Clone, Debug)]
+pub enum Firmware {
+    /// The exit-loop guest with this many null exits.
+    ExitLoop(u32),
+    /// A Linux guest (`--hosted`): kernel, initrd, command line, RAM size.
+    Linux(Box<VmConfig>),
+}
+
+impl Firmware {
+    /// Bytes of guest RAM at 0 the guest needs.
+    fn ram(&self) -> u64 {
+        match self {
+            Firmware::ExitLoop(_) => GUEST_RAM,
+            Firmware::Linux(cfg) => cfg.mem_size,
+        }
+    }
+
+    /// Write the guest into `mem` and point `vcpu` at it.
+    fn load(&self, kvm: &Kvm, vcpu: &VcpuFd, mem: &GuestMemoryMmap) -> Result<(), VmmError> {
+        let quirks = pvm::detected();
+        let entry = match self {
+            Firmware::ExitLoop(n) => {
+                mem.write_slice(&payload(*n), GuestAddress(PAYLOAD_ADDR))
+                    .map_err(|e| {
+                        VmmError::Config(format!("cannot load the exit-loop guest: {e}"))
+                    })?;
+                GuestAddress(PAYLOAD_ADDR)
+            }
+            Firmware::Linux(cfg) => vm::load_guest(cfg, mem, &[], quirks)?,
+        };
+        let supported = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("read supported CPUID"))?;
+        let masks = if quirks {
+            pvm::cpuid_masks()
+        } else {
+            Vec::new()
+        };
+        vm::setup_vcpu(kvm, vcpu, (0, 1), &supported, &masks)?;
+        regs::setup_boot_cpu(vcpu, mem, entry)?;
+        Ok(())
+    }
+
+    fn exit_loop(&self) -> bool {
+        matches!(self, Firmware::ExitLoop(_))
+    }
 }
 
 /// The exit-loop guest in a plain KVM VM of its own, its exits answered right here in
@@ -149,7 +180,7 @@ pub fn native(n: u32) -> Result<LoopReport, VmmError> {
         .map_err(kvm_err("create the in-kernel irqchip"))?;
     let mem = create_memory(&vm, GUEST_RAM)?;
     let mut vcpu = vm.create_vcpu(0).map_err(kvm_err("create a vCPU"))?;
-    firmware(&kvm, &vcpu, &mem, n)?;
+    Firmware::ExitLoop(n).load(&kvm, &vcpu, &mem)?;
     let (mut report, mut counter) = (LoopReport::default(), 0u8);
     loop {
         match vcpu.run() {
@@ -186,6 +217,8 @@ pub struct Stats {
     pub exits: AtomicU64,
     /// `RESUME` hypercalls.
     pub resumes: AtomicU64,
+    /// Exits announced again because VM0 had not answered within `REANNOUNCE_MS`.
+    pub reannounced: AtomicU64,
     /// What the exit-loop guest reported through its exits.
     pub cycles: AtomicU64,
     pub nulls: AtomicU64,
@@ -211,19 +244,18 @@ pub struct Guests {
     vm0: Arc<VmFd>,
     vm0_mem: GuestMemoryMmap,
     vms: BTreeMap<u64, GuestVm>,
-    /// Null exits of the exit-loop guest.
-    iterations: u32,
+    firmware: Firmware,
     pub stats: Arc<Stats>,
 }
 
 impl Guests {
-    pub fn new(kvm: Kvm, vm0: Arc<VmFd>, vm0_mem: GuestMemoryMmap, iterations: u32) -> Self {
+    pub fn new(kvm: Kvm, vm0: Arc<VmFd>, vm0_mem: GuestMemoryMmap, firmware: Firmware) -> Self {
         Self {
             kvm,
             vm0,
             vm0_mem,
             vms: BTreeMap::new(),
-            iterations,
+            firmware,
             stats: Arc::default(),
         }
     }
@@ -241,9 +273,9 @@ impl Guests {
                     .kvm
                     .create_vm()
                     .map_err(|e| format!("create a guest VM: {e}"))?;
-                // LAPIC and IOAPIC in KVM, as for a native guest (HLT stays in KVM)
-                vm.create_irq_chip()
-                    .map_err(|e| format!("guest irqchip: {e}"))?;
+                // LAPIC, IOAPIC, PIC and PIT in KVM, as for a native guest (HLT and the
+                // timers stay in KVM)
+                vm::setup_platform(&vm).map_err(|e| e.to_string())?;
                 let g = GuestVm {
                     vm,
                     pages: BTreeMap::new(),
@@ -289,12 +321,12 @@ impl Guests {
                 g.dirty = true;
                 Ok(())
             }
-            hyper::RESUME => self.resume(task, a1, a2),
+            hyper::RESUME => self.resume(task, a1, a2, a3),
             _ => Err(format!("unknown hypercall {op}")),
         }
     }
 
-    fn resume(&mut self, task: u64, vcpu: u64, value: u64) -> Result<(), String> {
+    fn resume(&mut self, task: u64, vcpu: u64, value: u64, pulse: u64) -> Result<(), String> {
         self.stats.resumes.fetch_add(1, Ordering::Relaxed);
         let vm0_mem = self.vm0_mem.clone();
         let g = self
@@ -303,6 +335,12 @@ impl Guests {
             .ok_or(format!("RESUME: no guest {task}"))?;
         if g.dirty {
             sync_slots(g, &vm0_mem)?;
+        }
+        // Edges on the guest's IOAPIC pins; KVM injects them when the vCPU runs.
+        for pin in (0..IOAPIC_PINS).filter(|p| pulse & (1 << p) != 0) {
+            g.vm.set_irq_line(pin, true)
+                .and_then(|_| g.vm.set_irq_line(pin, false))
+                .map_err(|e| format!("RESUME: pulse guest pin {pin}: {e}"))?;
         }
         if let Some(tx) = &g.resume {
             return tx
@@ -313,10 +351,13 @@ impl Guests {
         let vcpu_fd =
             g.vm.create_vcpu(0)
                 .map_err(|e| format!("create the guest vCPU: {e}"))?;
-        let scratch = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), GUEST_RAM as usize)])
+        let ram = self.firmware.ram();
+        let scratch = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), ram as usize)])
             .map_err(|e| format!("firmware scratch memory: {e}"))?;
-        firmware(&self.kvm, &vcpu_fd, &scratch, self.iterations).map_err(|e| e.to_string())?;
-        copy_to_guest(g, &vm0_mem, &scratch)?;
+        self.firmware
+            .load(&self.kvm, &vcpu_fd, &scratch)
+            .map_err(|e| e.to_string())?;
+        copy_to_guest(g, &vm0_mem, &scratch, ram)?;
         let (tx, rx) = mpsc::channel();
         g.resume = Some(tx);
         let link = Link {
@@ -324,6 +365,7 @@ impl Guests {
             vm0_mem,
             vcpu,
             stats: self.stats.clone(),
+            exit_loop: self.firmware.exit_loop(),
         };
         thread::Builder::new()
             .name("guest-vcpu0".into())
@@ -338,11 +380,12 @@ fn copy_to_guest(
     g: &GuestVm,
     vm0: &GuestMemoryMmap,
     scratch: &GuestMemoryMmap,
+    ram: u64,
 ) -> Result<(), String> {
     let mut page = [0u8; 4096];
-    for gpn in 0..GUEST_RAM >> 12 {
+    for gpn in 0..ram >> 12 {
         let (pfn, rights) = *g.pages.get(&gpn).ok_or(format!(
-            "guest page {gpn:#x} is not mapped: the guest needs {GUEST_RAM} bytes at 0"
+            "guest page {gpn:#x} is not mapped: the guest needs {ram} bytes at 0"
         ))?;
         if rights & 2 == 0 {
             return Err(format!("guest page {gpn:#x} is read-only"));
@@ -408,6 +451,8 @@ struct Link {
     vm0_mem: GuestMemoryMmap,
     vcpu: u64,
     stats: Arc<Stats>,
+    /// The exit-loop guest: its ports report to `stats`.
+    exit_loop: bool,
 }
 
 impl Link {
@@ -420,7 +465,9 @@ impl Link {
                     Some(data),
                 ),
                 Ok(VcpuExit::IoOut(port, data)) => {
-                    report.out(port, le(data));
+                    if self.exit_loop {
+                        report.out(port, le(data));
+                    }
                     (
                         self.rec(kind::IO_OUT, data.len(), port.into(), le(data)),
                         None,
@@ -434,10 +481,20 @@ impl Link {
                 }
                 Ok(VcpuExit::Hlt) => (self.rec(kind::HALT, 0, 0, 0), None),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
-                Ok(_) | Err(_) => (self.rec(kind::SHUTDOWN, 0, 0, 0), None),
+                other => {
+                    let why = match other {
+                        Ok(exit) => format!("{exit:?}"),
+                        Err(e) => format!("KVM_RUN failed: {e}"),
+                    };
+                    eprintln!(
+                        "vmm: the hosted guest's vCPU stopped: {why}\n{}",
+                        dump_regs(&vcpu)
+                    );
+                    (self.rec(kind::SHUTDOWN, 0, 0, 0), None)
+                }
             };
             let shutdown = exit.kind == kind::SHUTDOWN;
-            if exit.kind == kind::IO_OUT && exit.addr == u64::from(ports::DONE) {
+            if self.exit_loop && exit.kind == kind::IO_OUT && exit.addr == u64::from(ports::DONE) {
                 self.publish(&report);
             }
             let Some(value) = self.exit(exit, &resume) else {
@@ -456,6 +513,7 @@ impl Link {
 
     fn rec(&self, kind: u64, size: usize, addr: u64, data: u64) -> ExitRecord {
         ExitRecord {
+            seq: 0,
             vcpu: self.vcpu,
             kind,
             size: size as u64,
@@ -471,17 +529,39 @@ impl Link {
     }
 
     /// Hand `exit` to VM0 and wait for the answer (None: the guest was destroyed).
-    fn exit(&self, exit: ExitRecord, resume: &mpsc::Receiver<u64>) -> Option<u64> {
-        self.stats.exits.fetch_add(1, Ordering::Relaxed);
+    fn exit(&self, mut exit: ExitRecord, resume: &mpsc::Receiver<u64>) -> Option<u64> {
+        exit.seq = self.stats.exits.fetch_add(1, Ordering::Relaxed) + 1;
         let words = exit.to_words();
         for (i, w) in words.iter().enumerate() {
             let at = GuestAddress(hyper::EXIT_RECORD + 8 * i as u64);
             self.vm0_mem.write_obj(*w, at).ok()?;
         }
         let line = u32::from(hyper::EXIT_LINE);
-        self.vm0.set_irq_line(line, true).ok()?;
-        self.vm0.set_irq_line(line, false).ok()?;
-        resume.recv().ok()
+        let announce = || {
+            self.vm0.set_irq_line(line, true).ok()?;
+            self.vm0.set_irq_line(line, false).ok()
+        };
+        announce()?;
+        // VM0 answers in microseconds to milliseconds. Announce again if it does not
+        // (the kernel takes each `seq` once), and say so every 30 s.
+        let every = std::time::Duration::from_millis(hyper::REANNOUNCE_MS);
+        let mut waited = std::time::Duration::ZERO;
+        loop {
+            match resume.recv_timeout(every) {
+                Ok(v) => return Some(v),
+                Err(mpsc::RecvTimeoutError::Disconnected) => return None,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    self.stats.reannounced.fetch_add(1, Ordering::Relaxed);
+                    announce()?;
+                    waited += every;
+                    if waited.as_millis() % 30_000 < every.as_millis() {
+                        eprintln!(
+                            "vmm: the hosted guest's exit {exit:?} has waited {waited:?} for VM0"
+                        );
+                    }
+                }
+            }
+        }
     }
 }
 

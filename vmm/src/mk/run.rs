@@ -10,15 +10,31 @@ use kvm_ioctls::{Cap, VcpuExit, VcpuFd};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use super::bench::StepCounter;
-use super::guest::{self, Guests};
+use super::guest::{self, Firmware, Guests};
 use super::{boot, Mode, VM0_MEMORY};
 use crate::layout::*;
-use crate::vm::{create_memory, dump_regs, kvm_err, open_kvm, Outcome};
+use crate::vm::{create_memory, dump_regs, kvm_err, open_kvm, Outcome, VmConfig};
 use crate::{cpuid, pvm, regs, VmmError};
 use microkernel::bootinfo::hyper;
 
 /// Boot the microkernel in VM0 and run it until it exits.
 pub fn run(mode: Mode) -> Result<Outcome, VmmError> {
+    let iterations = match mode {
+        Mode::BenchExit(n) => n,
+        _ => SELFTEST_EXITS,
+    };
+    boot_vm0(mode, Firmware::ExitLoop(iterations), VM0_MEMORY)
+}
+
+/// Hosted mode: VM0 with a guest server that runs `cfg`'s Linux guest in a VM of its
+/// own, its RAM a region of VM0's.
+pub fn run_hosted(cfg: &VmConfig) -> Result<Outcome, VmmError> {
+    let mode = Mode::Hosted(cfg.mem_size >> 20);
+    let firmware = Firmware::Linux(Box::new(cfg.clone()));
+    boot_vm0(mode, firmware, VM0_MEMORY + cfg.mem_size)
+}
+
+fn boot_vm0(mode: Mode, firmware: Firmware, vm0_memory: u64) -> Result<Outcome, VmmError> {
     let native = match mode {
         Mode::BenchExit(n) => Some(guest::native(n)?),
         _ => None,
@@ -26,7 +42,7 @@ pub fn run(mode: Mode) -> Result<Outcome, VmmError> {
     let kvm = open_kvm()?;
     let quirks = pvm::detected();
     let vm = Arc::new(kvm.create_vm().map_err(kvm_err("create the VM"))?);
-    let mem = create_memory(&vm, VM0_MEMORY)?;
+    let mem = create_memory(&vm, vm0_memory)?;
     vm.set_tss_address(KVM_TSS_ADDRESS as usize)
         .map_err(kvm_err("set the TSS address"))?;
     vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
@@ -40,7 +56,7 @@ pub fn run(mode: Mode) -> Result<Outcome, VmmError> {
     } else {
         0
     };
-    let entry = boot::load(&mem, VM0_MEMORY, mode.raw(), flags)?;
+    let entry = boot::load(&mem, vm0_memory, mode.raw(), flags)?;
 
     let supported = kvm
         .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
@@ -69,15 +85,20 @@ pub fn run(mode: Mode) -> Result<Outcome, VmmError> {
             None => println!("bench: TSC rate unknown"),
         }
     }
-    let iterations = match mode {
-        Mode::BenchExit(n) => n,
-        _ => SELFTEST_EXITS,
-    };
-    let guests = Guests::new(open_kvm()?, vm.clone(), mem.clone(), iterations);
+    let guests = Guests::new(open_kvm()?, vm.clone(), mem.clone(), firmware);
     let stats = guests.stats.clone();
     let (outcome, vm0_exits) = vcpu_loop(&vm, vcpu, &mem, quirks, guests);
     if let Some(native) = native {
         report_exits(native, &stats, vm0_exits);
+    }
+    let again = stats.reannounced.load(Ordering::Relaxed);
+    if again > 0 {
+        eprintln!(
+            "vmm: note: {again} guest exit announcements repeated after {} ms without an \
+             answer from VM0 (of {} exits)",
+            hyper::REANNOUNCE_MS,
+            stats.exits.load(Ordering::Relaxed)
+        );
     }
     // The guest vCPU threads may still hold the VMs: the process exit tears them down.
     std::mem::forget(vm);
@@ -123,6 +144,25 @@ fn report_exits(native: guest::LoopReport, stats: &guest::Stats, vm0_exits: u64)
     }
 }
 
+/// VM0's end: `status` and, from a two-byte write, how a hosted guest ended
+/// (`mkrt::port::ENDED*`).
+fn ended(status: u8, how: u8) -> Outcome {
+    let crashed = |reason: &str| Outcome::Crashed {
+        vcpu: 0,
+        reason: reason.into(),
+        regs: String::new(),
+    };
+    match how {
+        0 => Outcome::Stopped {
+            reset: false,
+            status,
+        },
+        1 => Outcome::Panicked,
+        2 => crashed("the hosted guest's vCPU stopped (its exit and registers are above)"),
+        _ => crashed("the guest server could not start the hosted guest (see above)"),
+    }
+}
+
 /// Run VM0's vCPU until VM0 ends; also returns how many exits reached this loop.
 fn vcpu_loop(
     vm: &kvm_ioctls::VmFd,
@@ -163,10 +203,7 @@ fn vcpu_loop(
                         }
                         None
                     }
-                    MK_EXIT_PORT => Some(Outcome::Stopped {
-                        reset: false,
-                        status: value,
-                    }),
+                    MK_EXIT_PORT => Some(ended(value, data.get(1).copied().unwrap_or(0))),
                     // the exit line is the vmm's alone: a task must not forge exits
                     MK_RAISE_IRQ_PORT if u16::from(value) == hyper::EXIT_LINE => None,
                     MK_RAISE_IRQ_PORT => {

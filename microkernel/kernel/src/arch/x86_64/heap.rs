@@ -7,7 +7,9 @@ use core::alloc::{GlobalAlloc, Layout};
 use core::cell::UnsafeCell;
 use core::ptr;
 
-const ARENA: usize = 8 << 20;
+/// Sized for the mapping database at its limit (`Config::mappings`, 2^17 nodes of 96
+/// bytes in a vector that doubles as it grows: about 32 MiB of blocks) and its trees.
+const ARENA: usize = 56 << 20;
 const CLASSES: usize = 32;
 
 #[repr(C, align(4096))]

@@ -257,8 +257,8 @@ impl Machine for X86 {
         apic::ioapic_set(irq, false);
     }
 
-    fn guest_resume(&mut self, vcpu: ThreadId, task: TaskId, value: u64) {
-        cpu::hypercall(hyper::RESUME, [task.0 as u64, vcpu.raw(), value, 0]);
+    fn guest_resume(&mut self, vcpu: ThreadId, task: TaskId, value: u64, pulse: u32) {
+        cpu::hypercall(hyper::RESUME, [task.0 as u64, vcpu.raw(), value, pulse as u64]);
     }
 
     fn debug_write(&mut self, pfn: u64, offset: u64, len: u64) {

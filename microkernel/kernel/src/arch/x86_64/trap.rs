@@ -9,6 +9,7 @@
 //! guest that is not PVM-aware, but it does deliver #BP.
 
 use core::cell::UnsafeCell;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 use microkernel::abi::{Rights, ThreadId};
 use microkernel::bootinfo::{hyper, SYSCALL_VECTOR};
@@ -22,6 +23,9 @@ pub const IRQ_VECTOR_BASE: u64 = 33;
 pub const IRQ_LINES: u16 = 24;
 
 static KERNEL: Shared<Option<Kernel<X86>>> = Shared(UnsafeCell::new(None));
+
+/// `seq` of the last guest exit taken (`hyper::ExitRecord`).
+static LAST_EXIT: AtomicU64 = AtomicU64::new(0);
 
 /// The kernel state. Only the entry paths call this, once per entry, with interrupts off.
 pub fn kernel() -> &'static mut Kernel<X86> {
@@ -108,8 +112,20 @@ fn interrupt(k: &mut Kernel<X86>, vector: u64) -> Next {
         TIMER_VECTOR => k.tick(),
         v if v == IRQ_VECTOR_BASE + hyper::EXIT_LINE as u64 => {
             let r = cpu::exit_record();
-            let exit =
-                GuestExit { kind: r.kind as u8, size: r.size as u8, addr: r.addr, data: r.data };
+            // an exit announced again (`hyper::REANNOUNCE_MS`) is taken once
+            if LAST_EXIT.swap(r.seq, Ordering::Relaxed) == r.seq {
+                return match k.current() {
+                    Some(_) => Next::Resume,
+                    None => Next::Idle,
+                };
+            }
+            let exit = GuestExit {
+                kind: r.kind as u8,
+                size: r.size as u8,
+                addr: r.addr,
+                data: r.data,
+                pulse: 0,
+            };
             k.guest_exit(ThreadId(r.vcpu as u32), exit)
         }
         v if (IRQ_VECTOR_BASE..IRQ_VECTOR_BASE + IRQ_LINES as u64).contains(&v) => {

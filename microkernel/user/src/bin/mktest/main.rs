@@ -8,13 +8,15 @@
 //! it reports back to the root (the boot message's sender).
 //!
 //! Modes (from the kernel in `rdx`): boot (say hello), selftest (`tests`), bench
-//! (`bench`). The root ends VM0 through the exit port.
+//! (`bench`), bench-exit (`guest`), hosted (`hosted`: the guest server of a Linux
+//! guest). The root ends VM0 through the exit port.
 
 #![no_std]
 #![no_main]
 
 mod bench;
 mod guest;
+mod hosted;
 mod pager;
 mod tests;
 
@@ -84,6 +86,9 @@ pub fn park() -> ! {
 extern "C" fn _start(pool: u64, pool_size: u64, run_mode: u64, me: u64, flags: u64) -> ! {
     sys::use_int_syscall(flags & mkrt::bootinfo::flags::INT_SYSCALL != 0);
     POOL.init(pool, pool_size);
+    let (run_mode, argument) = mode::split(run_mode);
+    // hosted: the guest's RAM comes first, aligned at the pool's base
+    let guest_ram = (run_mode == mode::HOSTED).then(|| hosted::reserve(argument)).flatten();
     let me = ThreadId(me as u32);
     let pager = match start_pager(me) {
         Ok(p) => p,
@@ -97,6 +102,10 @@ extern "C" fn _start(pool: u64, pool_size: u64, run_mode: u64, me: u64, flags: u
         mode::SELFTEST => tests::run_all(&root),
         mode::BENCH => bench::run(&root),
         mode::BENCH_EXIT => guest::bench(&root),
+        mode::HOSTED => {
+            let (how, status) = hosted::run(&root, guest_ram);
+            port::end(how, status)
+        }
         _ => {
             println!("root: up (pool {} KiB at {pool:#x}); tests and bench: vmm --microkernel --selftest | --bench-ipc", pool_size >> 10);
             0

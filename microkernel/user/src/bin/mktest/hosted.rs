@@ -1,0 +1,310 @@
+//! Hosted mode's guest server: the task that owns a Linux guest's VM, its RAM, and
+//! every exit that belongs to no device (`vmm --kernel ... --hosted`).
+//!
+//! The root reserves the guest's RAM in its pool before anything else (so the run is
+//! aligned and physically contiguous) and hands it to the server as naturally aligned
+//! chunks, one map item each, into the server's window (the sigma0 role). The server
+//! makes the guest (`task_new` with `GUEST`) and becomes the vCPU's pager; its reply
+//! to the vCPU's `START` exit maps the whole window at guest-physical 0, and the vmm
+//! then loads the kernel, initrd, boot parameters and ACPI tables there (the firmware
+//! role). From then on every port or MMIO access KVM does not absorb arrives here as
+//! an IPC and the reply resumes the vCPU:
+//!
+//! - COM1 (0x3f8..0x400): `devices::uart`; bytes go to VM0's console a line at a time,
+//!   the transmitter-empty interrupt goes back as a pulse of IOAPIC pin 4 in the reply;
+//! - the platform ports of `devices::platform`: ACPI sleep/reset (0x600), i8042 reset
+//!   (0x64), pvpanic (0x505), the exit-status port (0x501) — the same code as native;
+//! - anything else (unknown ports, MMIO outside RAM) reads as all ones and ignores
+//!   writes, as on a PC with nothing there.
+//!
+//! When the guest powers off, resets, panics or its vCPU stops, the server reports to
+//! the root, which ends VM0 with the guest's status.
+
+use devices::platform::{AcpiPm, ExitPort, I8042Reset, PvPanic};
+use devices::uart::Uart16550;
+use devices::{GuestEvent, PioDevice};
+use mkrt::abi::{guest, label, task_new, Fpage, Rights, ThreadId, Timeout};
+use mkrt::msg::{receive, reply_wait, send, Msg};
+use mkrt::{port, println, sys};
+
+use crate::{park, report, Root, BOOT, POOL};
+
+/// Where the server keeps the guest's RAM (guest-physical 0 is `WINDOW`).
+const WINDOW: u64 = 0xa000_0000;
+const WINDOW_LOG2: u8 = 29;
+/// Label of the root's messages that carry the RAM.
+const RAM_CHUNK: u64 = 0x4a3;
+/// The most guest RAM the window holds.
+pub const MAX_RAM: u64 = 1 << WINDOW_LOG2;
+
+const COM1: u64 = 0x3f8;
+const COM1_PIN: u32 = 4;
+const EXIT_STATUS: u64 = 0x501;
+const PVPANIC: u64 = 0x505;
+const ACPI_PM: u64 = 0x600;
+const I8042_CMD: u64 = 0x64;
+
+/// How the guest ended (the server's report, word 0).
+mod end {
+    pub const POWER_OFF: u64 = 0;
+    pub const RESET: u64 = 1;
+    pub const PANIC: u64 = 2;
+    /// Triple fault, KVM internal error or failed entry: the vCPU cannot go on.
+    pub const STOPPED: u64 = 3;
+    /// The server could not start the guest.
+    pub const FAILED: u64 = 4;
+}
+
+/// Exits seen, by kind (printed at the end: the count of exits that became IPCs).
+#[derive(Default)]
+struct Counts {
+    io_in: u64,
+    io_out: u64,
+    mmio: u64,
+    console: u64,
+}
+
+/// Guest console output, a line at a time.
+struct Line {
+    buf: [u8; 120],
+    len: usize,
+}
+
+impl Line {
+    fn push(&mut self, b: u8) {
+        self.buf[self.len] = b;
+        self.len += 1;
+        if b == b'\n' || self.len == self.buf.len() {
+            self.flush();
+        }
+    }
+    fn flush(&mut self) {
+        if self.len > 0 {
+            let _ = sys::debug_write(&self.buf[..self.len]);
+            self.len = 0;
+        }
+    }
+}
+
+/// The platform: what the guest server emulates itself.
+struct Platform {
+    uart: Uart16550,
+    line: Line,
+    pm: AcpiPm,
+    i8042: I8042Reset,
+    pvpanic: PvPanic,
+    exit: ExitPort,
+    status: u8,
+}
+
+/// What an answered exit asks for.
+struct Answer {
+    value: u64,
+    pulse: u64,
+    event: Option<GuestEvent>,
+}
+
+impl Platform {
+    fn pio(&mut self, port: u64) -> Option<(&mut dyn PioDevice, u16)> {
+        let dev: &mut dyn PioDevice = match port {
+            ACPI_PM => &mut self.pm,
+            I8042_CMD => &mut self.i8042,
+            PVPANIC => &mut self.pvpanic,
+            EXIT_STATUS => &mut self.exit,
+            _ => return None,
+        };
+        Some((dev, 0))
+    }
+
+    fn io_in(&mut self, port: u64, size: usize) -> Answer {
+        let value = if (COM1..COM1 + 8).contains(&port) && size == 1 {
+            u64::from(self.uart.read((port - COM1) as u8))
+        } else if let Some((dev, offset)) = self.pio(port) {
+            let mut data = [0u8; 8];
+            dev.read(offset, &mut data[..size.clamp(1, 8)]);
+            u64::from_le_bytes(data)
+        } else {
+            u64::MAX
+        };
+        Answer { value, pulse: 0, event: None }
+    }
+
+    fn io_out(&mut self, port: u64, size: usize, data: u64) -> Answer {
+        let mut a = Answer { value: 0, pulse: 0, event: None };
+        if (COM1..COM1 + 8).contains(&port) && size == 1 {
+            let w = self.uart.write((port - COM1) as u8, data as u8);
+            if let Some(b) = w.byte {
+                self.line.push(b);
+            }
+            if w.interrupt {
+                a.pulse = 1 << COM1_PIN;
+            }
+        } else if let Some((dev, offset)) = self.pio(port) {
+            let bytes = data.to_le_bytes();
+            a.event = dev.write(offset, &bytes[..size.clamp(1, 8)]);
+        }
+        if let Some(GuestEvent::ExitStatus(s)) = a.event {
+            self.status = s;
+            a.event = None;
+        }
+        a
+    }
+}
+
+extern "C" fn server() -> ! {
+    let window = Fpage::new(WINDOW, WINDOW_LOG2, Rights::ALL).expect("aligned window");
+    // The RAM chunks land in the window; the boot message comes last.
+    let (root, boot) = loop {
+        match receive(ThreadId::ANY, Timeout::NEVER, window) {
+            Ok((from, m)) if m.label() == BOOT => break (from, m),
+            Ok(_) => {}
+            Err(_) => park(),
+        }
+    };
+    let me = ThreadId(boot.word(0) as u32);
+    let vcpu = match sys::task_new(me, 0, 0, task_new::GUEST) {
+        Ok(v) => v,
+        Err(e) => {
+            println!("guest server: task_new(GUEST) failed: error {e}");
+            report(root, &[end::FAILED, 0]);
+            park()
+        }
+    };
+    let Ok((mut from, mut m)) = receive(vcpu, Timeout(500), mkrt::msg::NO_WINDOW) else {
+        println!("guest server: the vCPU sent no START exit");
+        report(root, &[end::FAILED, 0]);
+        park()
+    };
+    let mut p = Platform {
+        uart: Uart16550::new(),
+        line: Line { buf: [0; 120], len: 0 },
+        pm: AcpiPm,
+        i8042: I8042Reset,
+        pvpanic: PvPanic,
+        exit: ExitPort,
+        status: 0,
+    };
+    let mut n = Counts::default();
+    let how = loop {
+        if from != vcpu || m.label() != label::GUEST_EXIT {
+            // only the vCPU talks to the server: anyone else is ignored
+            (from, m) = match receive(vcpu, Timeout::NEVER, mkrt::msg::NO_WINDOW) {
+                Ok(x) => x,
+                Err(_) => break end::STOPPED,
+            };
+            continue;
+        }
+        let (kind, size) = (m.word(0) & 0xff, ((m.word(0) >> 8) & 0xff) as usize);
+        let (addr, data) = (m.word(1), m.word(2));
+        let a = match kind {
+            guest::START => {
+                // the whole window: exactly the pages the root gave us become guest RAM
+                let mut reply = Msg::map(0, window, 0, false);
+                (from, m) = match reply_wait(from, &mut reply) {
+                    Ok(f) => (f, reply),
+                    Err(_) => break end::STOPPED,
+                };
+                continue;
+            }
+            guest::IO_IN => {
+                n.io_in += 1;
+                p.io_in(addr, size)
+            }
+            guest::IO_OUT => {
+                n.io_out += 1;
+                n.console += u64::from((COM1..COM1 + 8).contains(&addr));
+                p.io_out(addr, size, data)
+            }
+            // nothing is mapped there: all ones, writes go nowhere
+            guest::MMIO_READ | guest::MMIO_WRITE => {
+                n.mmio += 1;
+                Answer { value: u64::MAX, pulse: 0, event: None }
+            }
+            _ => break end::STOPPED,
+        };
+        match a.event {
+            Some(GuestEvent::PowerOff) => break end::POWER_OFF,
+            Some(GuestEvent::Reset) => break end::RESET,
+            Some(GuestEvent::Panic) => break end::PANIC,
+            _ => {}
+        }
+        let mut reply = Msg::new(0, &[a.value, a.pulse]);
+        (from, m) = match reply_wait(from, &mut reply) {
+            Ok(f) => (f, reply),
+            Err(_) => break end::STOPPED,
+        };
+    };
+    p.line.flush();
+    println!(
+        "guest server: {} exits as IPC ({} in, {} out of which {} to COM1, {} MMIO)",
+        n.io_in + n.io_out + n.mmio,
+        n.io_in,
+        n.io_out,
+        n.console,
+        n.mmio
+    );
+    // The vCPU waits in its last exit until VM0 ends.
+    report(root, &[how, p.status.into()]);
+    park()
+}
+
+/// Chunks of `size` bytes from offset 0: each naturally aligned, largest first.
+fn chunks(size: u64) -> impl Iterator<Item = (u64, u32)> {
+    let mut offset = 0u64;
+    core::iter::from_fn(move || {
+        let left = size.checked_sub(offset).filter(|&l| l >= 4096)?;
+        let align = if offset == 0 { 63 } else { offset.trailing_zeros() };
+        let log2 = align.min(63 - left.leading_zeros());
+        let at = offset;
+        offset += 1 << log2;
+        Some((at, log2))
+    })
+}
+
+/// Reserve the guest's RAM: the first thing the root takes from its pool, so it starts
+/// at the pool's (aligned) base and is physically contiguous.
+pub fn reserve(ram_mib: u64) -> Option<(u64, u64)> {
+    let size = ram_mib << 20;
+    if size == 0 || size > MAX_RAM {
+        return None;
+    }
+    let align = 1 << (63 - size.leading_zeros());
+    POOL.take(size, align).map(|base| (base, size))
+}
+
+/// Hosted mode: start the guest server with the reserved RAM and wait for the guest to
+/// end. Returns the exit word for the vmm (`port::end`).
+pub fn run(root: &Root, ram: Option<(u64, u64)>) -> (u8, u8) {
+    let Some((base, size)) = ram else {
+        println!("root: no room in VM0 for the guest's RAM");
+        return (port::ENDED_FAILED, 1);
+    };
+    let s = match root.spawn(server, task_new::PRIVILEGED) {
+        Ok(s) => s,
+        Err(e) => {
+            println!("root: cannot start the guest server: error {e}");
+            return (port::ENDED_FAILED, 1);
+        }
+    };
+    for (offset, log2) in chunks(size) {
+        let fpage = Fpage::new(base + offset, log2 as u8, Rights::ALL).expect("aligned chunk");
+        let mut m = Msg::map(RAM_CHUNK, fpage, offset, false);
+        if let Err(e) = send(s, &mut m, Timeout(500)) {
+            println!("root: the guest server did not take its RAM: error {e} at {offset:#x}");
+            return (port::ENDED_FAILED, 1);
+        }
+    }
+    if root.tell(s, &[s.raw(), size]).is_err() {
+        return (port::ENDED_FAILED, 1);
+    }
+    let Ok(m) = root.expect(s, u32::MAX) else {
+        return (port::ENDED_FAILED, 1);
+    };
+    let status = m.word(1) as u8;
+    match m.word(0) {
+        end::POWER_OFF | end::RESET => (port::ENDED, status),
+        end::PANIC => (port::ENDED_PANIC, status),
+        end::STOPPED => (port::ENDED_STOPPED, status),
+        _ => (port::ENDED_FAILED, 1),
+    }
+}

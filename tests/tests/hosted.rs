@@ -1,0 +1,160 @@
+//! Hosted mode (`vmm --kernel ... --hosted`) under real KVM (in the KVM test host by
+//! default; see the crate doc): the same unmodified kernels as native mode boot in a
+//! guest VM of VM0, every exit KVM does not absorb reaching the guest server task as
+//! IPC. Each boot prints the guest server's count of exits-as-IPC, which the tests read.
+//!
+//! The kernels get `lapic=notscdeadline` as the two-vCPU native boot does: VM0's vCPU
+//! and the guest's are two vCPUs of the test host's L1 KVM, where TSC-deadline timer
+//! interrupts of a second vCPU were seen lost (tests/tests/boot.rs).
+
+use std::time::Duration;
+
+use integration_tests::{image, run_guest, Run};
+
+const TIMEOUT: Duration = Duration::from_secs(600);
+
+fn hosted(kernel: &str, initrd: &str, args: &str) -> String {
+    format!(
+        "vmm --hosted --kernel {} --initrd {} {args}",
+        image(kernel),
+        image(initrd)
+    )
+}
+
+fn lines(output: &str) -> Vec<&str> {
+    output.lines().map(|l| l.trim_end_matches('\r')).collect()
+}
+
+/// The guest server's closing line: (exits as IPC, of which to COM1, MMIO).
+fn exits(run: &Run) -> (u64, u64, u64) {
+    let line = lines(&run.output)
+        .into_iter()
+        .find(|l| l.starts_with("guest server: ") && l.contains(" exits as IPC"))
+        .unwrap_or_else(|| panic!("no exit count from the guest server:\n{}", run.output))
+        .to_string();
+    let num = |after: &str| -> u64 {
+        let rest = &line[line.find(after).expect(after) + after.len()..];
+        rest.split(|c: char| !c.is_ascii_digit())
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no number after {after:?} in {line:?}"))
+    };
+    let total = num("guest server: ");
+    let com1 = num("of which ");
+    let mmio = line
+        .rsplit(", ")
+        .next()
+        .and_then(|s| s.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .expect("MMIO count");
+    (total, com1, mmio)
+}
+
+#[test]
+fn minimal_kernel_boots_hosted_and_passes_out_the_command_status() {
+    let run = run_guest(
+        &hosted(
+            "minimal/bzImage",
+            "minimal/initramfs.cpio.gz",
+            "--memory 64M --cmdline 'console=ttyS0 panic=-1 pci=off lapic=notscdeadline -- \
+             echo memkb=$(awk \"/MemTotal/ {print \\$2}\" /proc/meminfo); echo result=$((6*7)); exit 42'",
+        ),
+        TIMEOUT,
+    );
+    run.expect("mk: microkernel starting")
+        .expect("VMM-GUEST-READY cpus=1")
+        .expect_status(42);
+    let l = lines(&run.output);
+    assert!(l.contains(&"result=42"), "the command ran:\n{}", run.output);
+    // the guest's RAM is the 64 MiB the guest server mapped (less what the kernel keeps)
+    let kib: u64 = run.value("memkb").parse().expect("MemTotal in kB");
+    assert!(
+        (40 << 10..64 << 10).contains(&kib),
+        "MemTotal {kib} kB of 64 MiB:\n{}",
+        run.output
+    );
+    let (total, com1, mmio) = exits(&run);
+    assert!(
+        com1 > 100 && total > com1 && mmio == 0,
+        "console output and probing went through the guest server as IPC: \
+         {total} exits, {com1} to COM1, {mmio} MMIO"
+    );
+    // (a repeated exit announcement is reported, and is not a complaint)
+    let complaints = lines(&run.output)
+        .into_iter()
+        .filter(|l| l.contains("vmm: ") && !l.contains("exit announcements repeated"))
+        .count();
+    assert_eq!(complaints, 0, "no vmm complaints:\n{}", run.output);
+    eprintln!(
+        "minimal kernel hosted: {:?} from vmm start to exit, {total} exits as IPC",
+        run.elapsed
+    );
+}
+
+#[test]
+fn stock_debian_cloud_kernel_boots_hosted_through_acpi_with_kvmclock() {
+    let run = run_guest(
+        &hosted(
+            "cloud/vmlinuz",
+            "cloud/initramfs.cpio.gz",
+            "--memory 128M --cmdline 'console=ttyS0 panic=-1 pci=off quiet lapic=notscdeadline -- \
+             ls /sys/bus/acpi/devices; cat /sys/devices/system/clocksource/clocksource0/current_clocksource; \
+             exit 7'",
+        ),
+        TIMEOUT,
+    );
+    run.expect("VMM-GUEST-READY cpus=1").expect_status(7);
+    // the same DSDT as native: the UART and pvpanic, found through ACPI
+    run.expect("PNP0501:00").expect("QEMU0001:00");
+    assert!(
+        lines(&run.output).contains(&"kvm-clock"),
+        "kvmclock is the clocksource:\n{}",
+        run.output
+    );
+    let (total, _, _) = exits(&run);
+    eprintln!(
+        "cloud kernel hosted: {:?} from vmm start to exit, {total} exits as IPC",
+        run.elapsed
+    );
+}
+
+#[test]
+fn a_guest_poking_outside_its_ram_reads_ones_and_cannot_reach_vm0() {
+    // The guest writes beyond its 64 MiB of RAM (guest-physical 64..72 MiB: at those
+    // VM0-physical addresses lies the microkernel's heap) and into the unassigned MMIO
+    // window, then reads back; each access must be an MMIO exit answered with all
+    // ones, and the microkernel and the guest server must go on to deliver the
+    // power-off and the exit status.
+    let script = "for a in 0x4000000 0x4100000 0x47ff000 0xd0000000 0xfe000000; do \
+                  devmem $a 32 0x5a5a5a5a; echo poke $a=$(devmem $a 32); done; exit 5";
+    let run = run_guest(
+        &hosted(
+            "minimal/bzImage",
+            "minimal/initramfs.cpio.gz",
+            &format!(
+                "--memory 64M --cmdline 'console=ttyS0 panic=-1 pci=off quiet \
+                 lapic=notscdeadline -- {script}'"
+            ),
+        ),
+        TIMEOUT,
+    );
+    run.expect("VMM-GUEST-READY cpus=1").expect_status(5);
+    for a in [
+        "0x4000000",
+        "0x4100000",
+        "0x47ff000",
+        "0xd0000000",
+        "0xfe000000",
+    ] {
+        assert!(
+            lines(&run.output).contains(&format!("poke {a}=0xFFFFFFFF").as_str()),
+            "{a} reads all ones after the write:\n{}",
+            run.output
+        );
+    }
+    let (_, _, mmio) = exits(&run);
+    assert!(
+        mmio >= 10,
+        "each poke was an MMIO exit to the guest server: {mmio}"
+    );
+}
