@@ -166,7 +166,7 @@ fn run_prepared(cfg: &VmConfig, prepared: virtio::Prepared) -> Result<Outcome, V
 
     let vm = kvm.create_vm().map_err(kvm_err("create the VM"))?;
     let mem = create_memory(&vm, cfg.mem_size)?;
-    setup_platform(&vm)?;
+    setup_platform(&vm, true)?;
 
     // Every thread — vCPUs, the event loop (if any device), stdin, main — installs its
     // filter and waits for the others before it touches the guest.
@@ -194,14 +194,7 @@ fn run_prepared(cfg: &VmConfig, prepared: virtio::Prepared) -> Result<Outcome, V
     let mmio = Arc::new(mmio);
 
     // vCPUs.
-    let supported = kvm
-        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-        .map_err(kvm_err("read supported CPUID"))?;
-    let masks = if quirks {
-        pvm::cpuid_masks()
-    } else {
-        Vec::new()
-    };
+    let (supported, masks) = supported_cpuid(&kvm, quirks)?;
     let mut vcpus = Vec::new();
     for id in 0..cfg.cpus {
         let vcpu = vm
@@ -247,21 +240,41 @@ fn run_prepared(cfg: &VmConfig, prepared: virtio::Prepared) -> Result<Outcome, V
     Ok(outcome)
 }
 
-/// A guest VM's platform in KVM: TSS and identity-map pages, LAPIC + IOAPIC + PIC,
-/// and the PIT (the devices a native and a hosted guest both get from KVM).
-pub fn setup_platform(vm: &VmFd) -> Result<(), VmmError> {
+/// What KVM supports and the CPUID masks of this host (kvm-pvm's, if `quirks`): the
+/// inputs of `cpuid::vcpu_cpuid`.
+pub fn supported_cpuid(
+    kvm: &Kvm,
+    quirks: bool,
+) -> Result<(kvm_bindings::CpuId, Vec<cpuid::CpuidMask>), VmmError> {
+    let supported = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("read supported CPUID"))?;
+    let masks = if quirks {
+        pvm::cpuid_masks()
+    } else {
+        Vec::new()
+    };
+    Ok((supported, masks))
+}
+
+/// A VM's platform in KVM: TSS and identity-map pages, LAPIC + IOAPIC + PIC, and with
+/// `pit` the PIT (a native and a hosted guest get it; VM0 has no PIT).
+pub fn setup_platform(vm: &VmFd, pit: bool) -> Result<(), VmmError> {
     vm.set_tss_address(KVM_TSS_ADDRESS as usize)
         .map_err(kvm_err("set the TSS address"))?;
     vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
         .map_err(kvm_err("set the identity map address"))?;
     vm.create_irq_chip()
         .map_err(kvm_err("create the in-kernel irqchip"))?;
-    let pit = kvm_pit_config {
-        flags: KVM_PIT_SPEAKER_DUMMY,
-        ..Default::default()
-    };
-    vm.create_pit2(pit)
-        .map_err(kvm_err("create the in-kernel PIT"))
+    if pit {
+        let config = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.create_pit2(config)
+            .map_err(kvm_err("create the in-kernel PIT"))?;
+    }
+    Ok(())
 }
 
 /// Load the kernel, initrd, ACPI tables, command line and boot parameters into `mem`

@@ -153,14 +153,7 @@ impl Firmware {
             }
             Firmware::Linux(cfg) => vm::load_guest(cfg, mem, &[], quirks)?,
         };
-        let supported = kvm
-            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm_err("read supported CPUID"))?;
-        let masks = if quirks {
-            pvm::cpuid_masks()
-        } else {
-            Vec::new()
-        };
+        let (supported, masks) = vm::supported_cpuid(kvm, quirks)?;
         vm::setup_vcpu(kvm, vcpu, (0, 1), &supported, &masks)?;
         regs::setup_boot_cpu(vcpu, mem, entry)?;
         Ok(())
@@ -275,7 +268,7 @@ impl Guests {
                     .map_err(|e| format!("create a guest VM: {e}"))?;
                 // LAPIC, IOAPIC, PIC and PIT in KVM, as for a native guest (HLT and the
                 // timers stay in KVM)
-                vm::setup_platform(&vm).map_err(|e| e.to_string())?;
+                vm::setup_platform(&vm, true).map_err(|e| e.to_string())?;
                 let g = GuestVm {
                     vm,
                     pages: BTreeMap::new(),

@@ -43,12 +43,7 @@ fn boot_vm0(mode: Mode, firmware: Firmware, vm0_memory: u64) -> Result<Outcome, 
     let quirks = pvm::detected();
     let vm = Arc::new(kvm.create_vm().map_err(kvm_err("create the VM"))?);
     let mem = create_memory(&vm, vm0_memory)?;
-    vm.set_tss_address(KVM_TSS_ADDRESS as usize)
-        .map_err(kvm_err("set the TSS address"))?;
-    vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
-        .map_err(kvm_err("set the identity map address"))?;
-    vm.create_irq_chip()
-        .map_err(kvm_err("create the in-kernel irqchip"))?;
+    crate::vm::setup_platform(&vm, false)?;
     // kvm-pvm does not enter ring 0 on SYSCALL for a guest that is not PVM-aware:
     // tasks use the software-interrupt entry there.
     let flags = if quirks {
@@ -58,14 +53,7 @@ fn boot_vm0(mode: Mode, firmware: Firmware, vm0_memory: u64) -> Result<Outcome, 
     };
     let entry = boot::load(&mem, vm0_memory, mode.raw(), flags)?;
 
-    let supported = kvm
-        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-        .map_err(kvm_err("read supported CPUID"))?;
-    let masks = if quirks {
-        pvm::cpuid_masks()
-    } else {
-        Vec::new()
-    };
+    let (supported, masks) = crate::vm::supported_cpuid(&kvm, quirks)?;
     let vcpu = vm.create_vcpu(0).map_err(kvm_err("create a vCPU"))?;
     let tsc_khz = kvm
         .check_extension(Cap::GetTscKhz)
