@@ -31,6 +31,7 @@ pub enum Sysno {
     TaskNew = 6,
     IrqControl = 7,
     DebugWrite = 8,
+    GuestRoute = 9,
 }
 
 impl Sysno {
@@ -45,6 +46,7 @@ impl Sysno {
             6 => Self::TaskNew,
             7 => Self::IrqControl,
             8 => Self::DebugWrite,
+            9 => Self::GuestRoute,
             _ => return None,
         })
     }
@@ -406,6 +408,16 @@ pub mod task_new {
 }
 
 /// `irq_control` operations.
+/// `guest_route`: which of a guest's exits an entry catches (`a2` bits 32..40).
+pub mod guest_route {
+    /// I/O ports (`IO_IN`, `IO_OUT`); a range ends at or below port 0x1_0000.
+    pub const PORT: u64 = 0;
+    /// Guest-physical addresses (`MMIO_READ`, `MMIO_WRITE`).
+    pub const MMIO: u64 = 1;
+    /// Routes one guest task can have.
+    pub const MAX: usize = 8;
+}
+
 pub mod irq_control {
     pub const ATTACH: u64 = 0;
     pub const DETACH: u64 = 1;

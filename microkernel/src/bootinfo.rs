@@ -36,6 +36,16 @@ pub mod mode {
     pub const fn split(word: u64) -> (u64, u64) {
         (word & 0xff, word >> 8)
     }
+    /// `HOSTED`'s argument: the guest's RAM in MiB (bits 0..24) and how many virtio
+    /// devices the vmm gave VM0 for the guest (bits 24..32), one page each at
+    /// `layout::DEVICES`; device `i` is the guest's device `i` too.
+    pub const fn hosted(ram_mib: u64, devices: u64) -> u64 {
+        ram_mib & 0xff_ffff | (devices & 0xff) << 24
+    }
+    /// The inverse of `hosted`: (RAM MiB, devices).
+    pub const fn hosted_split(argument: u64) -> (u64, u64) {
+        (argument & 0xff_ffff, (argument >> 24) & 0xff)
+    }
 }
 
 /// `BootInfo::flags`.
@@ -64,6 +74,13 @@ pub mod layout {
     pub const ROOT_STACK_TOP: u64 = 0x7fff_f000;
     pub const ROOT_STACK_SIZE: u64 = 64 << 10;
     /// Pager-served region: any page here is filled with a fresh zero page on a fault.
+    /// Hosted mode: VM0's virtio-mmio device windows in the root's space (one page
+    /// each, physical `0xd000_0000 + 4 KiB * i`), the root's to hand to device tasks.
+    pub const DEVICES: u64 = 0x7000_0000;
+    /// Where virtio device `i`'s window is, in VM0 and in the hosted guest alike:
+    /// `DEVICE_PHYS + 4 KiB * i`, interrupt line (IOAPIC pin) `DEVICE_IRQ_BASE + i`.
+    pub const DEVICE_PHYS: u64 = 0xd000_0000;
+    pub const DEVICE_IRQ_BASE: u16 = 5;
     pub const LAZY_START: u64 = 0x8000_0000;
     pub const LAZY_END: u64 = 0xa000_0000;
 }

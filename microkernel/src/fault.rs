@@ -16,7 +16,8 @@
 //! page fault does. The handler's reply carries the value an `in` or MMIO read returns
 //! and may map pages into the guest's physical memory; the machine then resumes the
 //! vCPU ([`Machine::guest_resume`]). A vCPU's first exit is `guest::START`, sent when
-//! the task is created: its reply maps the guest's RAM.
+//! the task is created: its reply maps the guest's RAM. The pager may route ranges of
+//! ports or addresses to device tasks (`route.rs`); those exits go there instead.
 
 use crate::abi::{guest, label, Fpage, MsgTag, Rights, ThreadId, Timeout, MR_COUNT, PAGE_BITS};
 use crate::kernel::{Kernel, Next};
@@ -141,12 +142,14 @@ impl<M: Machine> Kernel<M> {
         self.raise_to(i, Fault::Guest(start), self.threads[i].pager);
     }
 
-    /// Guest vCPU `vcpu`, running in its VM, exited with `exit`: it calls its pager.
+    /// Guest vCPU `vcpu`, running in its VM, exited with `exit`: it calls its pager, or
+    /// the thread routed for the exit's port or address (`route.rs`).
     /// Ignored unless `vcpu` is a vCPU thread in the guest (a stale or forged report).
     pub fn guest_exit(&mut self, vcpu: ThreadId, exit: GuestExit) -> Next {
         let entered = self.sched.current;
         if let Some(i) = self.live(vcpu).filter(|&i| self.threads[i].state == State::InGuest) {
-            self.raise_to(i, Fault::Guest(exit), self.threads[i].pager);
+            let handler = self.exit_handler(i, &exit);
+            self.raise_to(i, Fault::Guest(exit), handler);
         }
         self.reschedule(entered)
     }
@@ -359,6 +362,66 @@ mod tests {
         assert_eq!(sys(&mut k, root, Sysno::ThreadControl, delete, msg(0, &[])), Next::Resume);
         assert!(!k.machine.mirror.spaces.contains(&task));
         assert!(k.mappings().iter().all(|m| m.0 != task));
+    }
+
+    #[test]
+    fn routed_exits_go_to_their_device_thread_and_its_reply_resumes_the_vcpu() {
+        use crate::abi::{guest, guest_route, Error};
+        use crate::GuestExit;
+        let (mut k, root) = boot();
+        let (vcpu, task) = guest(&mut k, root);
+        assert_eq!(ipc(&mut k, root, NIL, ANY, ZERO, NEVER, msg(0, &[])), Next::Resume);
+        assert_eq!(ipc(&mut k, root, vcpu, NIL, ZERO, ZERO, msg(0, &[])), Next::Resume);
+        // a device task (higher priority than root) waits for messages
+        let dev = spawn_task(&mut k, 20, root);
+        assert_eq!(settle(&mut k), Some(dev));
+        assert_eq!(ipc(&mut k, dev, NIL, ANY, ZERO, NEVER, msg(0, &[])), switch(&k, root));
+        let route = |k: &mut K, who: ThreadId, base: u64, len: u64, h: ThreadId| {
+            let a = [vcpu.raw(), base, guest_route::MMIO << 32 | len, h.raw()];
+            sys(k, who, Sysno::GuestRoute, a, msg(0, &[]));
+            regs(k, who).ret[0]
+        };
+        assert_eq!(route(&mut k, root, 0xd000_0000, 0x1000, dev), 0);
+        assert_eq!(route(&mut k, root, 0xd000_0800, 0x1000, dev), Error::InUse as u64);
+        assert_eq!(route(&mut k, root, 0xd000_1000, 0x1000, vcpu), Error::InvalidArgument as u64);
+        let bad = [root.raw(), 0, guest_route::MMIO << 32 | 1, dev.raw()];
+        sys(&mut k, root, Sysno::GuestRoute, bad, msg(0, &[]));
+        assert_eq!(regs(&k, root).ret[0], Error::InvalidArgument as u64, "root is no vCPU");
+        // an MMIO exit in the range reaches the device thread, not the pager
+        let write = GuestExit {
+            kind: guest::MMIO_WRITE as u8,
+            size: 4,
+            addr: 0xd000_0050,
+            data: 1,
+            pulse: 0,
+        };
+        assert_eq!(k.guest_exit(vcpu, write), switch(&k, dev));
+        assert_eq!(regs(&k, dev).ret[1], vcpu.raw());
+        assert_eq!(regs(&k, dev).mrs[1..4], [guest::MMIO_WRITE | 4 << 8, 0xd000_0050, 1]);
+        // its reply resumes the vCPU with the interrupt it asks for; the pager saw nothing
+        let next = ipc(&mut k, dev, vcpu, ANY, ZERO, NEVER, msg(0, &[0, 1 << 5]));
+        assert_eq!(next, switch(&k, root));
+        assert_eq!(k.machine.resumed.last(), Some(&(vcpu, task, 0, 1 << 5)));
+        // only the pager may route; the device thread cannot (it is not the vCPU's pager)
+        let port = GuestExit { kind: guest::IO_IN as u8, size: 1, addr: 0x3f8, data: 0, pulse: 0 };
+        assert_eq!(k.guest_exit(vcpu, port), Next::Resume, "ports still go to the pager");
+        assert_eq!(ipc(&mut k, root, NIL, ANY, ZERO, NEVER, msg(0, &[])), Next::Resume);
+        assert_eq!(regs(&k, root).mrs[2], 0x3f8);
+        assert_eq!(ipc(&mut k, root, vcpu, NIL, ZERO, ZERO, msg(0, &[0])), Next::Resume);
+        // the device thread dies: its exits fall back to the pager
+        let del = [crate::abi::thread_control::DELETE_TASK, dev.raw(), 0, 0];
+        assert_eq!(sys(&mut k, root, Sysno::ThreadControl, del, msg(0, &[])), Next::Resume);
+        assert_eq!(k.guest_exit(vcpu, write), Next::Resume);
+        assert_eq!(ipc(&mut k, root, NIL, ANY, ZERO, NEVER, msg(0, &[])), Next::Resume);
+        assert_eq!(regs(&k, root).mrs[2], 0xd000_0050);
+        assert_eq!(ipc(&mut k, root, vcpu, NIL, ZERO, ZERO, msg(0, &[0])), Next::Resume);
+        // NIL removes the route; removing it twice is an error; the table is bounded
+        assert_eq!(route(&mut k, root, 0xd000_0000, 1, NIL), 0);
+        assert_eq!(route(&mut k, root, 0xd000_0000, 1, NIL), Error::NotExist as u64);
+        for i in 0..guest_route::MAX as u64 {
+            assert_eq!(route(&mut k, root, i << 12, 0x1000, root), 0);
+        }
+        assert_eq!(route(&mut k, root, 0x10_0000, 0x1000, root), Error::NoMemory as u64);
     }
 
     #[test]

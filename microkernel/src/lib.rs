@@ -38,7 +38,7 @@
 //! Files: `abi` (the ABI shared with user space), `bootinfo` (the vmm-to-kernel boot
 //! protocol and the user layout), `kernel` (state, boot), `thread`,
 //! `task`, `ipc`, `fastpath` (call/reply_wait in one straight line), `mapdb`, `sched`,
-//! `fault`, `irq`, `syscalls` (decoder and dispatcher),
+//! `fault`, `route` (which thread answers which guest exits), `irq`, `syscalls` (decoder and dispatcher),
 //! `machine` (the arch interface), `list` (intrusive queues).
 
 #![no_std]
@@ -58,6 +58,7 @@ mod kernel;
 mod list;
 mod machine;
 mod mapdb;
+mod route;
 mod sched;
 mod syscalls;
 mod task;
@@ -73,4 +74,4 @@ pub use kernel::{BootError, Config, Kernel, Next};
 #[cfg(any(test, feature = "invariants"))]
 pub use machine::HostRegs;
 pub use machine::{Context, Machine, NoMemory, PageTables, Space};
-pub use syscalls::{Control, IrqOp, Syscall, TaskKind};
+pub use syscalls::{Control, IrqOp, Route, Syscall, TaskKind};

@@ -220,9 +220,15 @@ fn args(rng: &mut Rng, k: &K, nr: u64) -> [u64; 4] {
         Some(Sysno::ThreadControl) => {
             [[0, 0, 1, 2, 3][rng.below(5) as usize], thread(rng, k), thread(rng, k), thread(rng, k)]
         }
-        Some(Sysno::TaskNew) => [thread(rng, k), 0x40_0000, 0x50_0000, rng.below(2)],
+        Some(Sysno::TaskNew) => [thread(rng, k), 0x40_0000, 0x50_0000, rng.below(3)],
         Some(Sysno::IrqControl) => [rng.below(3), rng.below(6), thread(rng, k), 0],
         Some(Sysno::DebugWrite) => [0x10_0000 + rng.below(0x1_2000), rng.below(300), 0, 0],
+        Some(Sysno::GuestRoute) => [
+            thread(rng, k),
+            rng.below(4) << 12,
+            rng.below(3) << 32 | rng.below(0x3000),
+            if rng.chance(30) { 0 } else { thread(rng, k) },
+        ],
         None => [rng.next(), rng.next(), rng.next(), rng.next()],
     };
     if rng.chance(20) {
@@ -323,14 +329,14 @@ fn dispatcher_survives_random_registers() {
 fn decoder_is_total() {
     let mut rng = Rng(7);
     for _ in 0..200_000 {
-        let nr = if rng.chance(50) { rng.below(10) } else { rng.next() };
+        let nr = if rng.chance(50) { rng.below(11) } else { rng.next() };
         let a = [rng.next(), rng.next(), rng.next(), rng.next()];
         let _ = crate::Syscall::decode(nr, a);
         let _ = Fpage::from_raw(a[0]);
         let _ = MapItem::from_raw(a[1], a[2]);
         let _ = ThreadId::from_raw(a[3]).map(ThreadId::kind);
     }
-    assert_eq!(crate::Syscall::decode(9, [0; 4]), Err(crate::abi::Error::UnknownSyscall));
+    assert_eq!(crate::Syscall::decode(10, [0; 4]), Err(crate::abi::Error::UnknownSyscall));
     assert_eq!(
         crate::Syscall::decode(Sysno::Ipc as u64, [1 << 32, 0, 0, 0]),
         Err(crate::abi::Error::InvalidArgument)

@@ -7,8 +7,8 @@
 //! `[status, value1, value2]`; a call that blocks gets them when it completes.
 
 use crate::abi::{
-    exregs, irq_control, task_new, thread_control, unmap, Error, Fpage, IdKind, Sysno, ThreadId,
-    ARG_COUNT, NO_CHANGE,
+    exregs, guest_route, irq_control, task_new, thread_control, unmap, Error, Fpage, IdKind, Sysno,
+    ThreadId, ARG_COUNT, NO_CHANGE,
 };
 use crate::kernel::{Kernel, Next};
 use crate::machine::{Context, Machine};
@@ -53,6 +53,36 @@ pub enum Syscall {
     TaskNew { pager: ThreadId, ip: u64, sp: u64, kind: TaskKind },
     IrqControl { op: IrqOp, irq: u16, thread: ThreadId },
     DebugWrite { addr: u64, len: u64 },
+    GuestRoute { vcpu: ThreadId, route: Route },
+}
+
+/// A range of a guest's exits and the thread that answers them (`guest_route`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Route {
+    /// `guest_route::PORT` or `MMIO`.
+    pub space: u8,
+    pub base: u64,
+    /// Bytes (or ports) from `base`, at least 1; `base + len` does not overflow.
+    pub len: u64,
+    /// Who gets the exits; NIL removes the route that starts at `base`.
+    pub handler: ThreadId,
+}
+
+impl Route {
+    pub const NONE: Self = Self { space: 0, base: 0, len: 0, handler: ThreadId::NIL };
+
+    /// Does this route catch an access of `space` at `addr`?
+    pub fn catches(&self, space: u8, addr: u64) -> bool {
+        self.len != 0 && self.space == space && addr.wrapping_sub(self.base) < self.len
+    }
+
+    pub(crate) fn overlaps(&self, o: &Route) -> bool {
+        self.len != 0
+            && o.len != 0
+            && self.space == o.space
+            && self.base < o.base + o.len
+            && o.base < self.base + self.len
+    }
 }
 
 impl Syscall {
@@ -129,6 +159,20 @@ impl Syscall {
                 thread: thread_or_nil(a[2])?,
             },
             Sysno::DebugWrite => Syscall::DebugWrite { addr: a[0], len: a[1] },
+            Sysno::GuestRoute => {
+                let (len, space) = (a[2] & 0xFFFF_FFFF, a[2] >> 32);
+                let limit = match space {
+                    guest_route::PORT => 0x1_0000,
+                    guest_route::MMIO => u64::MAX,
+                    _ => return Err(Bad),
+                };
+                if len == 0 || a[1].checked_add(len).is_none_or(|end| end > limit) {
+                    return Err(Bad);
+                }
+                let route =
+                    Route { space: space as u8, base: a[1], len, handler: thread_or_nil(a[3])? };
+                Syscall::GuestRoute { vcpu: thread(a[0])?, route }
+            }
         })
     }
 }
@@ -188,6 +232,7 @@ impl<M: Machine> Kernel<M> {
             Syscall::TaskNew { pager, ip, sp, kind } => self.sys_task_new(me, pager, ip, sp, kind),
             Syscall::IrqControl { op, irq, thread } => self.sys_irq_control(me, op, irq, thread),
             Syscall::DebugWrite { addr, len } => self.sys_debug_write(me, addr, len),
+            Syscall::GuestRoute { vcpu, route } => self.sys_guest_route(me, vcpu, route),
         })
     }
 }
@@ -230,7 +275,22 @@ mod tests {
         for (nr, args) in bad {
             assert_eq!(Syscall::decode(nr, args), Err(Error::InvalidArgument), "{nr} {args:x?}");
         }
-        assert_eq!(Syscall::decode(9, [0; 4]), Err(Error::UnknownSyscall));
+        let mmio = guest_route::MMIO << 32;
+        for a2 in [0, mmio, 2 << 32 | 1, 1 << 40 | 1] {
+            assert_eq!(Syscall::decode(9, [t, 0, a2, t]), Err(Error::InvalidArgument), "{a2:x}");
+        }
+        assert_eq!(Syscall::decode(9, [t, 0xffff, 2, t]), Err(Error::InvalidArgument));
+        assert_eq!(Syscall::decode(9, [t, u64::MAX, mmio | 1, t]), Err(Error::InvalidArgument));
+        assert_eq!(Syscall::decode(9, [0, 0, 1, t]), Err(Error::InvalidArgument), "no guest");
+        let r = Route { space: 1, base: 0xd000_0000, len: 0x1000, handler: ThreadId::NIL };
+        assert_eq!(
+            Syscall::decode(9, [t, 0xd000_0000, mmio | 0x1000, 0]),
+            Ok(Syscall::GuestRoute { vcpu: ThreadId(t as u32), route: r })
+        );
+        assert!(
+            r.catches(1, 0xd000_0fff) && !r.catches(1, 0xd000_1000) && !r.catches(0, 0xd000_0000)
+        );
+        assert_eq!(Syscall::decode(10, [0; 4]), Err(Error::UnknownSyscall));
         assert_eq!(Syscall::decode(u64::MAX, [0; 4]), Err(Error::UnknownSyscall));
     }
 }

@@ -6,11 +6,13 @@
 //! own page table with the rights needed, and then works on the physical frames it
 //! found there, never on the user's virtual address.
 
-use crate::abi::{Error, Fpage, Rights, TaskId, ThreadId, DEBUG_WRITE_MAX, PAGE_BITS, PAGE_SIZE};
+use crate::abi::{
+    guest_route, Error, Fpage, Rights, TaskId, ThreadId, DEBUG_WRITE_MAX, PAGE_BITS, PAGE_SIZE,
+};
 use crate::kernel::Kernel;
 use crate::machine::{Context, Machine, Space};
 use crate::mapdb::At;
-use crate::syscalls::{SysResult, TaskKind};
+use crate::syscalls::{Route, SysResult, TaskKind};
 
 #[derive(Clone, Copy, Debug)]
 pub struct Task {
@@ -22,10 +24,18 @@ pub struct Task {
     /// which never run in VM0 (`State::InGuest` or in exit IPC).
     pub guest: bool,
     pub threads: u16,
+    /// A guest's exits that go to another thread than the vCPU's pager (`route.rs`).
+    pub routes: [Route; guest_route::MAX],
 }
 
 impl Task {
-    pub const FREE: Self = Self { live: false, privileged: false, guest: false, threads: 0 };
+    pub const FREE: Self = Self {
+        live: false,
+        privileged: false,
+        guest: false,
+        threads: 0,
+        routes: [Route::NONE; guest_route::MAX],
+    };
 }
 
 impl<M: Machine> Kernel<M> {
@@ -36,7 +46,7 @@ impl<M: Machine> Kernel<M> {
         self.machine.create_space(TaskId(t as u16), space).map_err(|_| Error::NoMemory)?;
         self.mapdb.set_kind(TaskId(t as u16), space);
         let privileged = kind == TaskKind::Privileged;
-        self.tasks[t] = Task { live: true, privileged, guest, threads: 0 };
+        self.tasks[t] = Task { live: true, privileged, guest, ..Task::FREE };
         Ok(t)
     }
 

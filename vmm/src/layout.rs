@@ -122,6 +122,9 @@ const _: () = assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
 const _: () =
     assert!(BOOT_STACK_POINTER < PML4_START && BOOT_STACK_POINTER > ZERO_PAGE_START + 0x1000);
 const _: () = assert!(VIRTIO_MMIO_START >= MMIO_GAP_START && IOAPIC_START < MMIO_GAP_END);
+// hosted mode: VM0's device tasks find the devices where native mode puts them
+const _: () = assert!(VIRTIO_MMIO_START == microkernel::bootinfo::layout::DEVICE_PHYS);
+const _: () = assert!(VIRTIO_IRQ_BASE == microkernel::bootinfo::layout::DEVICE_IRQ_BASE as u32);
 const _: () = assert!(virtio_mmio_base(MAX_VIRTIO_DEVICES) <= IOAPIC_START);
 
 /// The guest RAM regions for `mem_size` bytes: below the MMIO gap, and the rest above 4 GiB.

@@ -119,13 +119,10 @@ struct Cli {
 fn check_hosted(cli: &Cli, memory: u64) -> Result<(), VmmError> {
     let no = |what: &str| {
         Err(VmmError::Config(format!(
-            "{what} is not available with --hosted yet: hosted mode has no virtio device tasks \
-             and one vCPU (run without --hosted for it)"
+            "{what} is not available with --hosted yet: hosted mode has device tasks for \
+             disks and the rng only, and one vCPU (run without --hosted for it)"
         )))
     };
-    if !cli.disks.is_empty() {
-        return no("--disk");
-    }
     if cli.net.is_some() {
         return no("--net");
     }

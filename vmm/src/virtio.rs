@@ -310,6 +310,11 @@ impl Prepared {
     pub fn is_empty(&self) -> bool {
         self.devices.is_empty()
     }
+
+    /// How many devices (each gets one mmio window and one interrupt line).
+    pub fn len(&self) -> usize {
+        self.devices.len()
+    }
 }
 
 // ---------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ use core::alloc::{GlobalAlloc, Layout};
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicUsize, Ordering};
 
-const ARENA: usize = 64 << 10;
+// room for a device task: a virtio-blk model has a 64 KiB bounce buffer
+const ARENA: usize = 256 << 10;
 
 #[repr(C, align(4096))]
 struct Arena(UnsafeCell<[u8; ARENA]>);

@@ -128,6 +128,18 @@ pub fn irq_control(op: u64, irq: u64, thread: ThreadId) -> Result<(), u64> {
     simple(Sysno::IrqControl, [op, irq, thread.raw(), 0]).map(|_| ())
 }
 
+/// Route guest `vcpu`'s exits in `len` ports or bytes from `base` (`space`:
+/// `abi::guest_route::PORT` or `MMIO`) to `handler` (NIL: remove the route at `base`).
+pub fn guest_route(
+    vcpu: ThreadId,
+    space: u64,
+    base: u64,
+    len: u64,
+    handler: ThreadId,
+) -> Result<(), u64> {
+    simple(Sysno::GuestRoute, [vcpu.raw(), base, space << 32 | len, handler.raw()]).map(|_| ())
+}
+
 pub fn debug_write(bytes: &[u8]) -> Result<u64, u64> {
     simple(Sysno::DebugWrite, [bytes.as_ptr() as u64, bytes.len() as u64, 0, 0]).map(|(n, _)| n)
 }

@@ -115,7 +115,15 @@ pub fn regions(segs: &[Segment], phys: u64) -> Result<Vec<Region>, VmmError> {
 }
 
 /// Load the kernel and the root image; returns the kernel's entry point.
-pub fn load(mem: &GuestMemoryMmap, mem_size: u64, mode: u64, flags: u64) -> Result<u64, VmmError> {
+/// `devices`: VM0's virtio-mmio windows (hosted mode), mapped into the root task at
+/// `layout::DEVICES`.
+pub fn load(
+    mem: &GuestMemoryMmap,
+    mem_size: u64,
+    mode: u64,
+    flags: u64,
+    devices: u64,
+) -> Result<u64, VmmError> {
     let (kentry, ksegs) = parse_elf(super::KERNEL_ELF)?;
     for s in &ksegs {
         mem.write_slice(s.data, GuestAddress(s.vaddr))
@@ -129,7 +137,18 @@ pub fn load(mem: &GuestMemoryMmap, mem_size: u64, mode: u64, flags: u64) -> Resu
         mem.write_slice(s.data, GuestAddress(phys + (s.vaddr - lo)))
             .map_err(VmmError::Memory)?;
     }
-    let regions = regions(&rsegs, phys)?;
+    let mut regions = regions(&rsegs, phys)?;
+    if devices > 0 {
+        if regions.len() == MAX_REGIONS {
+            return Err(bad("no boot region left for VM0's devices"));
+        }
+        regions.push(Region {
+            vaddr: microkernel::bootinfo::layout::DEVICES,
+            paddr: crate::layout::VIRTIO_MMIO_START,
+            size: devices * crate::layout::VIRTIO_MMIO_SIZE,
+            rights: 6,
+        });
+    }
     let mut info = BootInfo {
         free_start: phys + (hi - lo),
         free_end: mem_size,

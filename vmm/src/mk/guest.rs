@@ -127,8 +127,9 @@ impl LoopReport {
 pub enum Firmware {
     /// The exit-loop guest with this many null exits.
     ExitLoop(u32),
-    /// A Linux guest (`--hosted`): kernel, initrd, command line, RAM size.
-    Linux(Box<VmConfig>),
+    /// A Linux guest (`--hosted`): kernel, initrd, command line, RAM size, and the
+    /// virtio-mmio windows its ACPI tables describe (served by VM0's device tasks).
+    Linux(Box<VmConfig>, Vec<crate::acpi::MmioDeviceInfo>),
 }
 
 impl Firmware {
@@ -136,7 +137,7 @@ impl Firmware {
     fn ram(&self) -> u64 {
         match self {
             Firmware::ExitLoop(_) => GUEST_RAM,
-            Firmware::Linux(cfg) => cfg.mem_size,
+            Firmware::Linux(cfg, _) => cfg.mem_size,
         }
     }
 
@@ -151,7 +152,7 @@ impl Firmware {
                     })?;
                 GuestAddress(PAYLOAD_ADDR)
             }
-            Firmware::Linux(cfg) => vm::load_guest(cfg, mem, &[], quirks)?,
+            Firmware::Linux(cfg, devices) => vm::load_guest(cfg, mem, devices, quirks)?,
         };
         let (supported, masks) = vm::supported_cpuid(kvm, quirks)?;
         vm::setup_vcpu(kvm, vcpu, (0, 1), &supported, &masks)?;

@@ -46,8 +46,9 @@ pub enum Mode {
     /// The guest-exit micro-benchmark: the exit-loop guest with this many null exits,
     /// natively, then hosted.
     BenchExit(u32),
-    /// Hosted mode: a guest server runs a Linux guest with this many MiB of RAM.
-    Hosted(u64),
+    /// Hosted mode: a guest server runs a Linux guest with `mib` MiB of RAM and
+    /// `devices` virtio devices (device tasks in VM0).
+    Hosted { mib: u64, devices: u64 },
 }
 
 impl Mode {
@@ -58,7 +59,7 @@ impl Mode {
             Mode::Selftest => mode::SELFTEST,
             Mode::BenchIpc => mode::BENCH,
             Mode::BenchExit(_) => mode::BENCH_EXIT,
-            Mode::Hosted(mib) => mode::word(mode::HOSTED, mib),
+            Mode::Hosted { mib, devices } => mode::word(mode::HOSTED, mode::hosted(mib, devices)),
         }
     }
 }

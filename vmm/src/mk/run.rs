@@ -23,18 +23,39 @@ pub fn run(mode: Mode) -> Result<Outcome, VmmError> {
         Mode::BenchExit(n) => n,
         _ => SELFTEST_EXITS,
     };
-    boot_vm0(mode, Firmware::ExitLoop(iterations), VM0_MEMORY)
+    boot_vm0(mode, Firmware::ExitLoop(iterations), VM0_MEMORY, None)
 }
 
 /// Hosted mode: VM0 with a guest server that runs `cfg`'s Linux guest in a VM of its
 /// own, its RAM a region of VM0's.
+///
+/// The guest's virtio devices are VM0's first: the vmm serves each as a virtio-mmio
+/// device of VM0 (the same code as native mode, with its backend: a file, the host's
+/// entropy), and a device task in VM0 drives it as the backend of the guest's device
+/// with the same window and interrupt line in the guest VM.
 pub fn run_hosted(cfg: &VmConfig) -> Result<Outcome, VmmError> {
-    let mode = Mode::Hosted(cfg.mem_size >> 20);
-    let firmware = Firmware::Linux(Box::new(cfg.clone()));
-    boot_vm0(mode, firmware, VM0_MEMORY + cfg.mem_size)
+    let prepared = crate::virtio::prepare(&cfg.devices)?;
+    let devices = (0..prepared.len())
+        .map(|i| crate::acpi::MmioDeviceInfo {
+            base: virtio_mmio_base(i),
+            len: VIRTIO_MMIO_SIZE,
+            gsi: VIRTIO_IRQ_BASE + i as u32,
+        })
+        .collect();
+    let mode = Mode::Hosted {
+        mib: cfg.mem_size >> 20,
+        devices: prepared.len() as u64,
+    };
+    let firmware = Firmware::Linux(Box::new(cfg.clone()), devices);
+    boot_vm0(mode, firmware, VM0_MEMORY + cfg.mem_size, Some(prepared))
 }
 
-fn boot_vm0(mode: Mode, firmware: Firmware, vm0_memory: u64) -> Result<Outcome, VmmError> {
+fn boot_vm0(
+    mode: Mode,
+    firmware: Firmware,
+    vm0_memory: u64,
+    devices: Option<crate::virtio::Prepared>,
+) -> Result<Outcome, VmmError> {
     let native = match mode {
         Mode::BenchExit(n) => Some(guest::native(n)?),
         _ => None,
@@ -44,6 +65,15 @@ fn boot_vm0(mode: Mode, firmware: Firmware, vm0_memory: u64) -> Result<Outcome, 
     let vm = Arc::new(kvm.create_vm().map_err(kvm_err("create the VM"))?);
     let mem = create_memory(&vm, vm0_memory)?;
     crate::vm::setup_platform(&vm, false)?;
+    // VM0's virtio devices (hosted mode): the native event loop, without seccomp here.
+    let (bus, ndevices) = match devices {
+        Some(p) if !p.is_empty() => {
+            let sandbox = Arc::new(crate::seccomp::Sandbox::new(false, 1)?);
+            let (bus, infos) = crate::virtio::attach(&vm, &mem, p, &sandbox)?;
+            (bus, infos.len() as u64)
+        }
+        _ => Default::default(),
+    };
     // kvm-pvm does not enter ring 0 on SYSCALL for a guest that is not PVM-aware:
     // tasks use the software-interrupt entry there.
     let flags = if quirks {
@@ -51,7 +81,7 @@ fn boot_vm0(mode: Mode, firmware: Firmware, vm0_memory: u64) -> Result<Outcome, 
     } else {
         0
     };
-    let entry = boot::load(&mem, vm0_memory, mode.raw(), flags)?;
+    let entry = boot::load(&mem, vm0_memory, mode.raw(), flags, ndevices)?;
 
     let (supported, masks) = crate::vm::supported_cpuid(&kvm, quirks)?;
     let vcpu = vm.create_vcpu(0).map_err(kvm_err("create a vCPU"))?;
@@ -75,7 +105,7 @@ fn boot_vm0(mode: Mode, firmware: Firmware, vm0_memory: u64) -> Result<Outcome, 
     }
     let guests = Guests::new(open_kvm()?, vm.clone(), mem.clone(), firmware);
     let stats = guests.stats.clone();
-    let (outcome, vm0_exits) = vcpu_loop(&vm, vcpu, &mem, quirks, guests);
+    let (outcome, vm0_exits) = vcpu_loop(&vm, vcpu, &mem, quirks, guests, &bus);
     if let Some(native) = native {
         report_exits(native, &stats, vm0_exits);
     }
@@ -158,6 +188,7 @@ fn vcpu_loop(
     mem: &GuestMemoryMmap,
     quirks: bool,
     mut guests: Guests,
+    bus: &crate::virtio::MmioBus,
 ) -> (Outcome, u64) {
     let mut exits = 0u64;
     let mut out = std::io::stdout().lock();
@@ -218,11 +249,16 @@ fn vcpu_loop(
                 steps.step(&vcpu);
                 None
             }
-            Ok(VcpuExit::MmioRead(_, data)) => {
-                data.fill(0xff);
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                if !bus.read(addr, data) {
+                    data.fill(0xff);
+                }
                 None
             }
-            Ok(VcpuExit::MmioWrite(..)) => None,
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                bus.write(addr, data);
+                None
+            }
             Ok(VcpuExit::Hlt) => Some(crash("VM0 halted with interrupts off".into(), &vcpu)),
             Ok(VcpuExit::Shutdown) => {
                 Some(crash("VM0 triple fault (KVM_EXIT_SHUTDOWN)".into(), &vcpu))

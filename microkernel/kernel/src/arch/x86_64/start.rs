@@ -8,7 +8,7 @@ use microkernel::bootinfo::{self, hyper, layout, BootInfo};
 use microkernel::{Config, Kernel};
 
 use super::console::Piece::{D, S, X};
-use super::entry::{self, R8, RCX, RDI, RDX, RSI};
+use super::entry::{self, R8, R9, RCX, RDI, RDX, RSI};
 use super::paging::{self, Frames, X86};
 use super::{apic, console, cpu, trap};
 
@@ -117,6 +117,8 @@ extern "C" fn mk_start(boot_info: u64) -> ! {
     ctx.gpr[RDX] = info.mode;
     ctx.gpr[RCX] = root.raw();
     ctx.gpr[R8] = info.flags;
+    // where the pool is in VM0-physical memory: device tasks give it to VM0's devices
+    ctx.gpr[R9] = next_frame;
     let next = k.boot(info.root_entry, layout::ROOT_STACK_TOP - 8);
     trap::install(k);
     trap::run(trap::kernel(), next)

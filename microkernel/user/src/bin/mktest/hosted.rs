@@ -17,17 +17,24 @@
 //! - anything else (unknown ports, MMIO outside RAM) reads as all ones and ignores
 //!   writes, as on a PC with nothing there.
 //!
+//! The guest's virtio devices are not the server's: each has a device task (`device`)
+//! that the root sets up before the server, and the server routes the guest's exits in
+//! that device's window to it (`guest_route`) before the guest runs.
+//!
 //! When the guest powers off, resets, panics or its vCPU stops, the server reports to
 //! the root, which ends VM0 with the guest's status.
 
 use devices::platform::{AcpiPm, ExitPort, I8042Reset, PvPanic};
 use devices::uart::Uart16550;
 use devices::{GuestEvent, PioDevice};
-use mkrt::abi::{guest, label, task_new, Fpage, Rights, ThreadId, Timeout};
+use mkrt::abi::{
+    guest, guest_route, irq_control, label, task_new, Fpage, Rights, ThreadId, Timeout,
+};
+use mkrt::bootinfo::layout;
 use mkrt::msg::{receive, reply_wait, send, Msg};
 use mkrt::{port, println, sys};
 
-use crate::{park, report, Root, BOOT, POOL};
+use crate::{device, park, report, Root, BOOT, POOL};
 
 /// Where the server keeps the guest's RAM (guest-physical 0 is `WINDOW`).
 const WINDOW: u64 = 0xa000_0000;
@@ -170,6 +177,16 @@ extern "C" fn server() -> ! {
             park()
         }
     };
+    // the device tasks answer the exits in their windows
+    for i in 0..boot.word(2).min(MAX_DEVICES) {
+        let (base, task) =
+            (layout::DEVICE_PHYS + 4096 * i, ThreadId(boot.word(3 + i as usize) as u32));
+        if let Err(e) = sys::guest_route(vcpu, guest_route::MMIO, base, 4096, task) {
+            println!("guest server: cannot route device {i} to its task: error {e}");
+            report(root, &[end::FAILED, 0]);
+            park()
+        }
+    }
     let Ok((mut from, mut m)) = receive(vcpu, Timeout(500), mkrt::msg::NO_WINDOW) else {
         println!("guest server: the vCPU sent no START exit");
         report(root, &[end::FAILED, 0]);
@@ -272,13 +289,68 @@ pub fn reserve(ram_mib: u64) -> Option<(u64, u64)> {
     POOL.take(size, align).map(|base| (base, size))
 }
 
-/// Hosted mode: start the guest server with the reserved RAM and wait for the guest to
-/// end. Returns the exit word for the vmm (`port::end`).
-pub fn run(root: &Root, ram: Option<(u64, u64)>) -> (u8, u8) {
+/// Device tasks the boot message to the server can name.
+const MAX_DEVICES: u64 = 4;
+
+/// Map `fpage` of the root's into task `t`'s receive window at `offset`.
+fn give(t: ThreadId, fpage: Fpage, offset: u64) -> Result<(), u64> {
+    send(t, &mut Msg::map(RAM_CHUNK, fpage, offset, false), Timeout(500))
+}
+
+/// Map the guest's RAM into task `t`'s window from offset 0.
+fn give_ram(t: ThreadId, base: u64, size: u64) -> Result<(), u64> {
+    for (offset, log2) in chunks(size) {
+        give(
+            t,
+            Fpage::new(base + offset, log2 as u8, Rights::ALL).expect("aligned chunk"),
+            offset,
+        )?;
+    }
+    Ok(())
+}
+
+/// Start device task `i` for VM0's device `i`: guest RAM, the device's registers, a
+/// DMA buffer, the device's interrupt; returns its thread once it is ready.
+fn start_device(root: &Root, i: u64, ram: (u64, u64), pool_phys: u64) -> Result<ThreadId, ()> {
+    let fail = |what: &str, e: u64| println!("root: device task {i}: {what}: error {e}");
+    let t = root.spawn(device::task, 0).map_err(|e| fail("cannot start it", e))?;
+    give_ram(t, ram.0, ram.1).map_err(|e| fail("guest RAM not taken", e))?;
+    let regs = Fpage::new(layout::DEVICES + 4096 * i, 12, Rights::RW).expect("page");
+    give(t, regs, device::REGS_AT).map_err(|e| fail("registers not taken", e))?;
+    let dma = POOL.run(device::DMA_LOG2.into()).ok_or(()).map_err(|_| fail("no DMA memory", 0))?;
+    let dma_page = Fpage::new(dma, device::DMA_LOG2, Rights::RW).expect("aligned run");
+    give(t, dma_page, device::DMA_AT).map_err(|e| fail("DMA buffer not taken", e))?;
+    let line = u64::from(layout::DEVICE_IRQ_BASE) + i;
+    sys::irq_control(irq_control::ATTACH, line, t).map_err(|e| fail("interrupt", e))?;
+    let phys = dma - layout::POOL_BASE + pool_phys;
+    root.tell(t, &[i, line, line, ram.1, phys]).map_err(|e| fail("no boot message", e))?;
+    let m = root.expect(t, 3000).map_err(|e| fail("no report", e))?;
+    if m.word(0) != device::ready::OK {
+        println!("root: device task {i}: {}", device::why(m.word(0)));
+        return Err(());
+    }
+    Ok(t)
+}
+
+/// Hosted mode: start a device task per virtio device and the guest server with the
+/// reserved RAM, and wait for the guest to end. Returns the exit word for the vmm
+/// (`port::end`).
+pub fn run(root: &Root, ram: Option<(u64, u64)>, devices: u64, pool_phys: u64) -> (u8, u8) {
     let Some((base, size)) = ram else {
         println!("root: no room in VM0 for the guest's RAM");
         return (port::ENDED_FAILED, 1);
     };
+    if devices > MAX_DEVICES || size > device::MAX_RAM {
+        println!("root: {devices} devices or {size} bytes of RAM are too many for device tasks");
+        return (port::ENDED_FAILED, 1);
+    }
+    let mut words = [0u64; 3 + MAX_DEVICES as usize];
+    for i in 0..devices {
+        match start_device(root, i, (base, size), pool_phys) {
+            Ok(t) => words[3 + i as usize] = t.raw(),
+            Err(()) => return (port::ENDED_FAILED, 1),
+        }
+    }
     let s = match root.spawn(server, task_new::PRIVILEGED) {
         Ok(s) => s,
         Err(e) => {
@@ -286,15 +358,12 @@ pub fn run(root: &Root, ram: Option<(u64, u64)>) -> (u8, u8) {
             return (port::ENDED_FAILED, 1);
         }
     };
-    for (offset, log2) in chunks(size) {
-        let fpage = Fpage::new(base + offset, log2 as u8, Rights::ALL).expect("aligned chunk");
-        let mut m = Msg::map(RAM_CHUNK, fpage, offset, false);
-        if let Err(e) = send(s, &mut m, Timeout(500)) {
-            println!("root: the guest server did not take its RAM: error {e} at {offset:#x}");
-            return (port::ENDED_FAILED, 1);
-        }
+    if let Err(e) = give_ram(s, base, size) {
+        println!("root: the guest server did not take its RAM: error {e}");
+        return (port::ENDED_FAILED, 1);
     }
-    if root.tell(s, &[s.raw(), size]).is_err() {
+    words[..3].copy_from_slice(&[s.raw(), size, devices]);
+    if root.tell(s, &words[..3 + devices as usize]).is_err() {
         return (port::ENDED_FAILED, 1);
     }
     let Ok(m) = root.expect(s, u32::MAX) else {

@@ -14,7 +14,10 @@
 #![no_std]
 #![no_main]
 
+extern crate alloc;
+
 mod bench;
+mod device;
 mod guest;
 mod hosted;
 mod pager;
@@ -83,12 +86,20 @@ pub fn park() -> ! {
 
 #[no_mangle]
 #[link_section = ".text.start"]
-extern "C" fn _start(pool: u64, pool_size: u64, run_mode: u64, me: u64, flags: u64) -> ! {
+extern "C" fn _start(
+    pool: u64,
+    pool_size: u64,
+    run_mode: u64,
+    me: u64,
+    flags: u64,
+    pool_phys: u64,
+) -> ! {
     sys::use_int_syscall(flags & mkrt::bootinfo::flags::INT_SYSCALL != 0);
     POOL.init(pool, pool_size);
     let (run_mode, argument) = mode::split(run_mode);
     // hosted: the guest's RAM comes first, aligned at the pool's base
-    let guest_ram = (run_mode == mode::HOSTED).then(|| hosted::reserve(argument)).flatten();
+    let (ram_mib, devices) = mode::hosted_split(argument);
+    let guest_ram = (run_mode == mode::HOSTED).then(|| hosted::reserve(ram_mib)).flatten();
     let me = ThreadId(me as u32);
     let pager = match start_pager(me) {
         Ok(p) => p,
@@ -103,7 +114,7 @@ extern "C" fn _start(pool: u64, pool_size: u64, run_mode: u64, me: u64, flags: u
         mode::BENCH => bench::run(&root),
         mode::BENCH_EXIT => guest::bench(&root),
         mode::HOSTED => {
-            let (how, status) = hosted::run(&root, guest_ram);
+            let (how, status) = hosted::run(&root, guest_ram, devices, pool_phys);
             port::end(how, status)
         }
         _ => {
