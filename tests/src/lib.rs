@@ -245,3 +245,77 @@ impl Run {
             .unwrap_or_else(|| panic!("no {key}= line in the output:\n{}", self.output))
     }
 }
+
+/// The disk and entropy checks native and hosted mode share: three disks (the guest
+/// writes 8 MiB of its own random data to `vda` with O_DIRECT and fsync, reads the
+/// host's pattern from `vdb` directly and through the page cache, and cannot write to
+/// the read-only `vdc`, not even after lifting its own read-only flag) and virtio-rng.
+/// `command(devices, script)` is the vmm command line that runs `script` in the guest
+/// with the `--disk` options `devices`. The host checks the files afterwards.
+pub fn check_disks_and_rng(scratch: &str, command: &dyn Fn(&str, &str) -> String) -> Run {
+    const MIB: usize = 1 << 20;
+    let (dir, rel) = scratch_dir(scratch);
+    // vda: the guest writes 8 MiB of its own random data; vdb: the host's pattern for
+    // the guest to read; vdc: read-only, must not change.
+    std::fs::write(dir.join("w.img"), vec![0u8; 16 * MIB]).unwrap();
+    let host_data = pattern(8 * MIB, 0x5eed);
+    std::fs::write(dir.join("r.img"), &host_data).unwrap();
+    let ro_before = pattern(MIB, 7);
+    std::fs::write(dir.join("ro.img"), &ro_before).unwrap();
+
+    let script = "cat /sys/block/vda/serial; echo; \
+        echo SERIAL=$(cat /sys/block/vda/serial); \
+        echo CAP=$(cat /sys/block/vda/size); \
+        dd if=/dev/urandom of=/tmp/p bs=1M count=8 2>/dev/null; \
+        echo W=$(sha256sum </tmp/p); \
+        dd if=/tmp/p of=/dev/vda bs=64k oflag=direct conv=fsync 2>/dev/null && echo WRITE=ok; \
+        echo R=$(dd if=/dev/vdb bs=1M count=8 iflag=direct 2>/dev/null | sha256sum); \
+        echo RBUF=$(sha256sum </dev/vdb); \
+        dd if=/dev/zero of=/dev/vdc bs=4k count=1 oflag=direct 2>/dev/null && echo RO1=written || echo RO1=refused; \
+        blockdev --setrw /dev/vdc; \
+        dd if=/dev/zero of=/dev/vdc bs=4k count=1 oflag=direct 2>/dev/null && echo RO2=written || echo RO2=refused; \
+        echo RNG=$(cat /sys/class/misc/hw_random/rng_current); \
+        echo RNGBYTES=$(dd if=/dev/hwrng bs=64 count=4 2>/dev/null | wc -c); \
+        echo DONE=1";
+    let devices =
+        format!("--disk {rel}/w.img,id=wdisk --disk {rel}/r.img --disk {rel}/ro.img,readonly=on");
+    let run = run_guest(&command(&devices, script), Duration::from_secs(600));
+    run.expect("DONE=1").expect_status(0);
+
+    assert_eq!(run.value("SERIAL"), "wdisk", "GET_ID");
+    assert_eq!(
+        run.value("CAP"),
+        (16 * MIB / 512).to_string(),
+        "capacity in sectors"
+    );
+    // Guest → file.
+    assert_eq!(run.value("WRITE"), "ok");
+    let written = std::fs::read(dir.join("w.img")).unwrap();
+    assert_eq!(
+        sha256(&written[..8 * MIB]),
+        run.value("W"),
+        "the file holds what the guest wrote"
+    );
+    assert!(
+        written[8 * MIB..].iter().all(|&b| b == 0),
+        "nothing beyond it changed"
+    );
+    // File → guest, with O_DIRECT and through the page cache.
+    let want = sha256(&host_data);
+    assert_eq!(run.value("R"), want, "O_DIRECT read");
+    assert_eq!(run.value("RBUF"), want, "buffered read");
+    // Read-only: refused by the guest's block layer, and by the device when the guest
+    // lifts its own read-only flag.
+    assert_eq!(run.value("RO1"), "refused");
+    assert_eq!(run.value("RO2"), "refused");
+    assert_eq!(
+        std::fs::read(dir.join("ro.img")).unwrap(),
+        ro_before,
+        "read-only image unchanged"
+    );
+    // Entropy.
+    assert!(run.value("RNG").starts_with("virtio_rng"), "{}", run.output);
+    assert_eq!(run.value("RNGBYTES"), "256");
+    let _ = std::fs::remove_dir_all(&dir);
+    run
+}

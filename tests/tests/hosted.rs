@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use integration_tests::{image, run_guest, Run};
+use integration_tests::{check_disks_and_rng, image, run_guest, Run};
 
 const TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -157,4 +157,54 @@ fn a_guest_poking_outside_its_ram_reads_ones_and_cannot_reach_vm0() {
         mmio >= 10,
         "each poke was an MMIO exit to the guest server: {mmio}"
     );
+}
+
+/// The device tasks' closing lines: (exits as IPC, queue notifications, requests to
+/// VM0's device) per task.
+fn device_tasks(run: &Run) -> Vec<(u64, u64, u64)> {
+    lines(&run.output)
+        .into_iter()
+        .filter(|l| l.starts_with("device task ") && l.contains(" exits as IPC"))
+        .map(|l| {
+            let n: Vec<u64> = l
+                .split(|c: char| !c.is_ascii_digit())
+                .filter_map(|w| w.parse().ok())
+                .collect();
+            // "device task I: N exits as IPC (K queue notifications), R requests to VM0's device"
+            assert_eq!(n.len(), 5, "{l}");
+            (n[1], n[2], n[3])
+        })
+        .collect()
+}
+
+#[test]
+fn disks_and_rng_are_served_by_device_tasks_in_vm0() {
+    let run = check_disks_and_rng("hosted-disks", &|devices, script| {
+        hosted(
+            "minimal/bzImage",
+            "minimal/initramfs.cpio.gz",
+            &format!(
+                "--memory 64M {devices} --cmdline 'console=ttyS0 panic=-1 pci=off quiet \
+                 lapic=notscdeadline -- \"{script}\"'"
+            ),
+        )
+    });
+    assert!(!run.output.contains("vmm: error"), "{}", run.output);
+    // every device had its task: the guest's MMIO exits went there, not to the server,
+    // and each task drove VM0's device behind it
+    let tasks = device_tasks(&run);
+    assert_eq!(tasks.len(), 4, "three disks and the rng:\n{}", run.output);
+    for (i, &(exits, notifies, requests)) in tasks.iter().enumerate() {
+        assert!(
+            exits > 20 && notifies > 0 && requests > 0,
+            "device task {i}: {tasks:?}"
+        );
+    }
+    let (_, _, server_mmio) = exits(&run);
+    assert_eq!(
+        server_mmio, 0,
+        "MMIO exits reached the guest server:\n{}",
+        run.output
+    );
+    eprintln!("hosted devices: {tasks:?} (exits, notifications, VM0 requests per task)");
 }

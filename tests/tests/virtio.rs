@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use integration_tests::{
-    image, pattern, root, run_guest, scratch_dir, sha256, vsock_peer_binary, Run,
+    check_disks_and_rng, image, pattern, root, run_guest, scratch_dir, sha256, vsock_peer_binary,
+    Run,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(600);
@@ -44,78 +45,12 @@ fn assert_clean(run: &Run) {
 
 #[test]
 fn disks_read_write_flush_readonly_and_rng() {
-    let (dir, rel) = scratch("disks");
-    // vda: the guest writes 8 MiB of its own random data; vdb: the host's pattern for
-    // the guest to read; vdc: read-only, must not change.
-    fs::write(dir.join("w.img"), vec![0u8; 16 * MIB]).unwrap();
-    let host_data = pattern(8 * MIB, 0x5eed);
-    fs::write(dir.join("r.img"), &host_data).unwrap();
-    let ro_before = pattern(MIB, 7);
-    fs::write(dir.join("ro.img"), &ro_before).unwrap();
-
-    let script = "cat /sys/block/vda/serial; echo; \
-        echo SERIAL=$(cat /sys/block/vda/serial); \
-        echo CAP=$(cat /sys/block/vda/size); \
-        dd if=/dev/urandom of=/tmp/p bs=1M count=8 2>/dev/null; \
-        echo W=$(sha256sum </tmp/p); \
-        dd if=/tmp/p of=/dev/vda bs=64k oflag=direct conv=fsync 2>/dev/null && echo WRITE=ok; \
-        echo R=$(dd if=/dev/vdb bs=1M count=8 iflag=direct 2>/dev/null | sha256sum); \
-        echo RBUF=$(sha256sum </dev/vdb); \
-        dd if=/dev/zero of=/dev/vdc bs=4k count=1 oflag=direct 2>/dev/null && echo RO1=written || echo RO1=refused; \
-        blockdev --setrw /dev/vdc; \
-        dd if=/dev/zero of=/dev/vdc bs=4k count=1 oflag=direct 2>/dev/null && echo RO2=written || echo RO2=refused; \
-        echo RNG=$(cat /sys/class/misc/hw_random/rng_current); \
-        echo RNGBYTES=$(dd if=/dev/hwrng bs=64 count=4 2>/dev/null | wc -c); \
-        echo DONE=1";
-    let run = run_guest(
-        &minimal(&format!(
-            "--disk {rel}/w.img,id=wdisk --disk {rel}/r.img --disk {rel}/ro.img,readonly=on \
-             --cmdline 'console=ttyS0 panic=-1 pci=off quiet -- \"{script}\"'"
-        )),
-        TIMEOUT,
-    );
+    let run = check_disks_and_rng("virtio-disks", &|devices, script| {
+        minimal(&format!(
+            "{devices} --cmdline 'console=ttyS0 panic=-1 pci=off quiet -- \"{script}\"'"
+        ))
+    });
     assert_clean(&run);
-    run.expect("DONE=1").expect_status(0);
-
-    assert_eq!(value(&run, "SERIAL"), "wdisk", "GET_ID");
-    assert_eq!(
-        value(&run, "CAP"),
-        (16 * MIB / 512).to_string(),
-        "capacity in sectors"
-    );
-    // Guest → file.
-    assert_eq!(value(&run, "WRITE"), "ok");
-    let written = fs::read(dir.join("w.img")).unwrap();
-    assert_eq!(
-        sha256(&written[..8 * MIB]),
-        value(&run, "W"),
-        "the file holds what the guest wrote"
-    );
-    assert!(
-        written[8 * MIB..].iter().all(|&b| b == 0),
-        "nothing beyond it changed"
-    );
-    // File → guest, with O_DIRECT and through the page cache.
-    let want = sha256(&host_data);
-    assert_eq!(value(&run, "R"), want, "O_DIRECT read");
-    assert_eq!(value(&run, "RBUF"), want, "buffered read");
-    // Read-only: refused by the guest's block layer, and by the device when the guest
-    // lifts its own read-only flag.
-    assert_eq!(value(&run, "RO1"), "refused");
-    assert_eq!(value(&run, "RO2"), "refused");
-    assert_eq!(
-        fs::read(dir.join("ro.img")).unwrap(),
-        ro_before,
-        "read-only image unchanged"
-    );
-    // Entropy.
-    assert!(
-        value(&run, "RNG").starts_with("virtio_rng"),
-        "{}",
-        run.output
-    );
-    assert_eq!(value(&run, "RNGBYTES"), "256");
-    let _ = fs::remove_dir_all(&dir);
 }
 
 #[test]

@@ -18,7 +18,7 @@
 //! `DEVICE_IRQ_BASE + i` in the reply.
 
 use alloc::boxed::Box;
-use core::sync::atomic::{AtomicBool, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use devices::virtio::blk::{BackendError, Block, BlockBackend, SECTOR_SIZE};
 use devices::virtio::mmio::MmioTransport;
@@ -42,8 +42,9 @@ pub const REGS_AT: u64 = 0x1000_0000;
 /// The DMA buffer: `2^DMA_LOG2` bytes.
 pub const DMA_AT: u64 = 0x1010_0000;
 pub const DMA_LOG2: u8 = 17;
-/// Label of the root's map messages.
-pub const PART: u64 = 0xde5;
+/// Label of the root's question for the task's counts (the reply: exits as IPC,
+/// queue notifications among them, requests to VM0's device).
+pub const STATS: u64 = 0x57a7;
 
 /// The task's report to the root after setting up (word 0).
 pub mod ready {
@@ -54,6 +55,8 @@ pub mod ready {
 
 /// The model raised its interrupt since the last reply.
 static RAISED: AtomicBool = AtomicBool::new(false);
+/// Requests to VM0's device (the backend).
+static REQUESTS: AtomicU64 = AtomicU64::new(0);
 
 struct Raise;
 
@@ -96,6 +99,7 @@ impl Vm0Disk {
             bufs[1] = bufs[2];
         }
         let n = if len == 0 { 2 } else { 3 };
+        REQUESTS.fetch_add(1, Ordering::Relaxed);
         let used = self.drv.run(&bufs[..n]).map_err(|_| BackendError::Io)?;
         let mut status = [0xffu8];
         let at = self.drv.phys(vdriver::STATUS);
@@ -163,6 +167,7 @@ impl EntropySource for Vm0Entropy {
         let mut done = 0;
         while done < buf.len() {
             let want = (buf.len() - done).min(vdriver::DATA_LEN) as u32;
+            REQUESTS.fetch_add(1, Ordering::Relaxed);
             let n = self.0.run(&[(vdriver::DATA, want, true)]).map_err(|_| EntropyError)?;
             let n = (n.min(want) as usize).min(buf.len() - done);
             if n == 0 {
@@ -237,11 +242,18 @@ pub extern "C" fn task() -> ! {
 /// Answer the guest's exits in the device's window, forever.
 fn serve<D: VirtioDevice, M: GuestMemory>(mut t: MmioTransport<D, M>, base: u64, pin: u64) -> ! {
     let (mut from, mut m) = wait();
+    let (mut exits, mut notifies) = (0u64, 0u64);
     loop {
+        if m.label() == STATS {
+            let mut r = Msg::new(STATS, &[exits, notifies, REQUESTS.load(Ordering::Relaxed)]);
+            (from, m) = reply_wait(from, &mut r).map(|f| (f, r)).unwrap_or_else(|_| wait());
+            continue;
+        }
         if m.label() != label::GUEST_EXIT {
             (from, m) = wait();
             continue;
         }
+        exits += 1;
         let (kind, size) = (m.word(0) & 0xff, ((m.word(0) >> 8) & 0xff) as usize);
         let size = size.clamp(1, 8);
         let offset = m.word(1).wrapping_sub(base);
@@ -252,6 +264,7 @@ fn serve<D: VirtioDevice, M: GuestMemory>(mut t: MmioTransport<D, M>, base: u64,
                 u64::from_le_bytes(b)
             }
             guest::MMIO_WRITE if offset < 4096 => {
+                notifies += u64::from(offset == devices::virtio::mmio::reg::QUEUE_NOTIFY);
                 t.write(offset, &m.word(2).to_le_bytes()[..size]);
                 0
             }

@@ -369,6 +369,18 @@ pub fn run(root: &Root, ram: Option<(u64, u64)>, devices: u64, pool_phys: u64) -
     let Ok(m) = root.expect(s, u32::MAX) else {
         return (port::ENDED_FAILED, 1);
     };
+    for (i, &t) in words[3..3 + devices as usize].iter().enumerate() {
+        let t = ThreadId(t as u32);
+        let asked = send(t, &mut Msg::new(device::STATS, &[]), Timeout(100));
+        if let Ok(c) = asked.and_then(|_| root.expect(t, 100)) {
+            println!(
+                "device task {i}: {} exits as IPC ({} queue notifications), {} requests to VM0's device",
+                c.word(0),
+                c.word(1),
+                c.word(2)
+            );
+        }
+    }
     let status = m.word(1) as u8;
     match m.word(0) {
         end::POWER_OFF | end::RESET => (port::ENDED, status),
