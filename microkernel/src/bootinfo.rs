@@ -49,6 +49,10 @@ pub mod mode {
 }
 
 /// `BootInfo::flags`.
+/// The kernel's mapping-database limit (`Config::mappings`): mapped pages in all tasks
+/// together. The vmm checks a hosted guest fits before it boots VM0.
+pub const MAPPINGS: u64 = 1 << 18;
+
 pub mod flags {
     /// Tasks enter the kernel with `int3` instead of `syscall`: kvm-pvm neither
     /// switches to ring 0 on SYSCALL nor delivers `int n` from user mode for a guest

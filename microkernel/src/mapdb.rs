@@ -78,7 +78,8 @@ impl MapDb {
         spaces.resize_with(tasks, BTreeMap::new);
         let guest = alloc::vec![false; tasks];
         Self {
-            nodes: Vec::new(),
+            // reserved once: growing by doubling would strand the old blocks in the heap
+            nodes: Vec::with_capacity(capacity),
             free: Vec::new(),
             capacity,
             spaces,

@@ -35,6 +35,7 @@ pub fn run(mode: Mode) -> Result<Outcome, VmmError> {
 /// with the same window and interrupt line in the guest VM.
 pub fn run_hosted(cfg: &VmConfig) -> Result<Outcome, VmmError> {
     let prepared = crate::virtio::prepare(&cfg.devices)?;
+    check_mappings(cfg.mem_size, prepared.len() as u64)?;
     let devices = (0..prepared.len())
         .map(|i| crate::acpi::MmioDeviceInfo {
             base: virtio_mmio_base(i),
@@ -48,6 +49,33 @@ pub fn run_hosted(cfg: &VmConfig) -> Result<Outcome, VmmError> {
     };
     let firmware = Firmware::Linux(Box::new(cfg.clone()), devices);
     boot_vm0(mode, firmware, VM0_MEMORY + cfg.mem_size, Some(prepared))
+}
+
+/// The device tasks hosted mode can have (the guest server's boot message names them).
+pub const MAX_HOSTED_DEVICES: u64 = 4;
+
+/// Refuse a hosted guest the microkernel cannot map: every page of its RAM is mapped by
+/// the root, the guest server, each device task and the guest itself, and the root
+/// owns every page of VM0's RAM besides.
+fn check_mappings(mem: u64, devices: u64) -> Result<(), VmmError> {
+    if devices > MAX_HOSTED_DEVICES {
+        return Err(VmmError::Config(format!(
+            "{devices} virtio devices with --hosted: at most {MAX_HOSTED_DEVICES} (disks and the rng; --no-rng frees one)"
+        )));
+    }
+    let pages = mem >> 12;
+    let need = pages * (3 + devices) + ((VM0_MEMORY + mem) >> 12);
+    let limit = microkernel::bootinfo::MAPPINGS;
+    if need > limit {
+        let fits = (limit - (VM0_MEMORY >> 12)) / (4 + devices) >> 8;
+        return Err(VmmError::Config(format!(
+            "--memory {} MiB with {devices} virtio devices is too big for --hosted: the microkernel maps \
+             each guest page once per device task besides the root, guest server and guest \
+             ({need} mappings of {limit}); at most {fits} MiB with {devices} devices",
+            mem >> 20
+        )));
+    }
+    Ok(())
 }
 
 fn boot_vm0(

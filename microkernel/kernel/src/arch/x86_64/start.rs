@@ -68,9 +68,9 @@ extern "C" fn mk_start(boot_info: u64) -> ! {
     let config = Config {
         threads: 128,
         tasks: paging::MAX_TASKS as u16,
-        // a hosted guest of 128 MiB (vmm's MAX_HOSTED_MEMORY) is three mappings per page
-        // (root, guest server, guest): about 100,000 with the rest of the root's pool
-        mappings: 1 << 17,
+        // a hosted guest's page is mapped by the root, the guest server, each device task
+        // and the guest: 128 MiB (vmm's MAX_HOSTED_MEMORY) with two devices is 164,000
+        mappings: bootinfo::MAPPINGS as u32,
         // the last line announces guest exits (`bootinfo::hyper`), no task gets it
         irqs: hyper::EXIT_LINE,
         user_start: layout::USER_START,
