@@ -132,7 +132,7 @@ fn a_guest_poking_outside_its_ram_reads_ones_and_cannot_reach_vm0() {
             "minimal/bzImage",
             "minimal/initramfs.cpio.gz",
             &format!(
-                "--memory 64M --cmdline 'console=ttyS0 panic=-1 pci=off quiet \
+                "--memory 64M --no-rng --cmdline 'console=ttyS0 panic=-1 pci=off quiet \
                  lapic=notscdeadline -- {script}'"
             ),
         ),
