@@ -67,7 +67,7 @@ fn check_mappings(mem: u64, devices: u64) -> Result<(), VmmError> {
     let need = pages * (3 + devices) + ((VM0_MEMORY + mem) >> 12);
     let limit = microkernel::bootinfo::MAPPINGS;
     if need > limit {
-        let fits = (limit - (VM0_MEMORY >> 12)) / (4 + devices) >> 8;
+        let fits = ((limit - (VM0_MEMORY >> 12)) / (4 + devices)) >> 8;
         return Err(VmmError::Config(format!(
             "--memory {} MiB with {devices} virtio devices is too big for --hosted: the microkernel maps \
              each guest page once per device task besides the root, guest server and guest \

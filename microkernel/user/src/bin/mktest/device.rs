@@ -120,7 +120,7 @@ impl Vm0Disk {
     }
 
     fn check(offset: u64, len: usize) -> Result<u64, BackendError> {
-        if offset % SECTOR_SIZE != 0 || len as u64 % SECTOR_SIZE != 0 {
+        if !offset.is_multiple_of(SECTOR_SIZE) || !(len as u64).is_multiple_of(SECTOR_SIZE) {
             return Err(BackendError::Io);
         }
         Ok(offset / SECTOR_SIZE)
