@@ -24,13 +24,13 @@ use devices::virtio::blk::{BackendError, Block, BlockBackend, SECTOR_SIZE};
 use devices::virtio::mmio::MmioTransport;
 use devices::virtio::rng::{EntropyError, EntropySource, Rng};
 use devices::virtio::{device_type, GuestMemory, Interrupt, VirtioDevice};
-use mkrt::abi::{guest, label, Fpage, Rights, ThreadId, Timeout};
+use mkrt::abi::{guest, label, Fpage, Rights};
 use mkrt::mmio::{Regs, Window};
-use mkrt::msg::{receive, reply_wait, wait, Msg};
+use mkrt::msg::{reply_wait, wait, Msg};
 use mkrt::println;
 use mkrt::vdriver::{self, Driver};
 
-use crate::{park, report, BOOT};
+use crate::{booted_with, park, report};
 
 /// The window the root maps everything into, and where each part lands in it.
 pub const WINDOW: u64 = 0xa000_0000;
@@ -66,7 +66,7 @@ impl Interrupt for Raise {
     }
 }
 
-/// virtio-blk request types and the one status we accept.
+/// virtio-blk request types.
 const T_IN: u32 = 0;
 const T_OUT: u32 = 1;
 const T_FLUSH: u32 = 4;
@@ -184,13 +184,7 @@ impl EntropySource for Vm0Entropy {
 /// The task. Boot message: `[index, VM0 line, guest pin, RAM bytes, DMA physical]`.
 pub extern "C" fn task() -> ! {
     let window = Fpage::new(WINDOW, WINDOW_LOG2, Rights::ALL).expect("aligned window");
-    let (root, boot) = loop {
-        match receive(ThreadId::ANY, Timeout::NEVER, window) {
-            Ok((from, m)) if m.label() == BOOT => break (from, m),
-            Ok(_) => {}
-            Err(_) => park(),
-        }
-    };
+    let (root, boot) = booted_with(window);
     let [index, line, pin, ram, dma_phys] = [0, 1, 2, 3, 4].map(|i| boot.word(i));
     if ram > MAX_RAM {
         report(root, &[ready::NO_DEVICE, 0]);

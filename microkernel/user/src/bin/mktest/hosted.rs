@@ -34,7 +34,7 @@ use mkrt::bootinfo::layout;
 use mkrt::msg::{receive, reply_wait, send, Msg};
 use mkrt::{port, println, sys};
 
-use crate::{device, park, report, Root, BOOT, POOL};
+use crate::{booted_with, device, park, report, Root, POOL};
 
 /// Where the server keeps the guest's RAM (guest-physical 0 is `WINDOW`).
 const WINDOW: u64 = 0xa000_0000;
@@ -161,13 +161,7 @@ impl Platform {
 extern "C" fn server() -> ! {
     let window = Fpage::new(WINDOW, WINDOW_LOG2, Rights::ALL).expect("aligned window");
     // The RAM chunks land in the window; the boot message comes last.
-    let (root, boot) = loop {
-        match receive(ThreadId::ANY, Timeout::NEVER, window) {
-            Ok((from, m)) if m.label() == BOOT => break (from, m),
-            Ok(_) => {}
-            Err(_) => park(),
-        }
-    };
+    let (root, boot) = booted_with(window);
     let me = ThreadId(boot.word(0) as u32);
     let vcpu = match sys::task_new(me, 0, 0, task_new::GUEST) {
         Ok(v) => v,

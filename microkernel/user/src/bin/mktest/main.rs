@@ -23,7 +23,7 @@ mod hosted;
 mod pager;
 mod tests;
 
-use mkrt::abi::{exregs, thread_control, ThreadId, Timeout, NO_CHANGE};
+use mkrt::abi::{exregs, thread_control, Fpage, ThreadId, Timeout, NO_CHANGE};
 use mkrt::bootinfo::{layout, mode};
 use mkrt::msg::{receive, send, wait, Msg, NO_WINDOW};
 use mkrt::pool::Pool;
@@ -70,6 +70,18 @@ impl Root {
 /// A task's start: wait for the boot message; returns the root and the message.
 pub fn booted() -> (ThreadId, Msg) {
     wait()
+}
+
+/// A task's start when the root maps it memory first: take every message's map items
+/// into `window` until the boot message; returns the root and the boot message.
+pub fn booted_with(window: Fpage) -> (ThreadId, Msg) {
+    loop {
+        match receive(ThreadId::ANY, Timeout::NEVER, window) {
+            Ok((from, m)) if m.label() == BOOT => return (from, m),
+            Ok(_) => {}
+            Err(_) => park(),
+        }
+    }
 }
 
 /// Report `words` to the root.
