@@ -8,8 +8,10 @@
 //!
 //! VM0's devices are ports (see the table in `layout`): the console (COM1's transmit
 //! register, copied to stdout), exit-with-status, raise-IOAPIC-line (the interrupt
-//! source for interrupts-as-IPC tests), and the single-step counter switch. Nothing
-//! else: no ACPI, no PIT, no UART model.
+//! source for interrupts-as-IPC tests), and the single-step counter switch. In hosted
+//! mode VM0 also has the guest's virtio devices as its own virtio-mmio devices (native
+//! `virtio` code and backends), which its device tasks drive. Nothing else: no ACPI, no
+//! PIT, no UART model.
 
 pub mod bench;
 pub mod boot;
