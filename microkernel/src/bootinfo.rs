@@ -25,7 +25,7 @@ pub mod mode {
     /// many exits and prints what they cost.
     pub const BENCH_EXIT: u64 = 3;
     /// Hosted mode: a guest server runs the Linux guest the vmm loads (firmware role);
-    /// `argument` is the guest's RAM in MiB.
+    /// the argument is `hosted(RAM MiB, devices)`.
     pub const HOSTED: u64 = 4;
 
     /// The mode word: the mode in bits 0..8, its argument above.
@@ -48,11 +48,11 @@ pub mod mode {
     }
 }
 
-/// `BootInfo::flags`.
 /// The kernel's mapping-database limit (`Config::mappings`): mapped pages in all tasks
 /// together. The vmm checks a hosted guest fits before it boots VM0.
 pub const MAPPINGS: u64 = 1 << 18;
 
+/// `BootInfo::flags`.
 pub mod flags {
     /// Tasks enter the kernel with `int3` instead of `syscall`: kvm-pvm neither
     /// switches to ring 0 on SYSCALL nor delivers `int n` from user mode for a guest
@@ -77,14 +77,17 @@ pub mod layout {
     /// Top of the root task's initial stack (`ROOT_STACK_SIZE` bytes below are mapped).
     pub const ROOT_STACK_TOP: u64 = 0x7fff_f000;
     pub const ROOT_STACK_SIZE: u64 = 64 << 10;
-    /// Pager-served region: any page here is filled with a fresh zero page on a fault.
     /// Hosted mode: VM0's virtio-mmio device windows in the root's space (one page
-    /// each, physical `0xd000_0000 + 4 KiB * i`), the root's to hand to device tasks.
+    /// each, physical `DEVICE_PHYS + 4 KiB * i`), the root's to hand to device tasks.
     pub const DEVICES: u64 = 0x7000_0000;
     /// Where virtio device `i`'s window is, in VM0 and in the hosted guest alike:
     /// `DEVICE_PHYS + 4 KiB * i`, interrupt line (IOAPIC pin) `DEVICE_IRQ_BASE + i`.
     pub const DEVICE_PHYS: u64 = 0xd000_0000;
     pub const DEVICE_IRQ_BASE: u16 = 5;
+    /// The most virtio devices (device tasks) a hosted guest has: the root names them
+    /// all in the guest server's boot message.
+    pub const MAX_DEVICES: u64 = 4;
+    /// Pager-served region: any page here is filled with a fresh zero page on a fault.
     pub const LAZY_START: u64 = 0x8000_0000;
     pub const LAZY_END: u64 = 0xa000_0000;
 }

@@ -146,7 +146,7 @@ pub fn load(
             vaddr: microkernel::bootinfo::layout::DEVICES,
             paddr: crate::layout::VIRTIO_MMIO_START,
             size: devices * crate::layout::VIRTIO_MMIO_SIZE,
-            rights: 6,
+            rights: microkernel::abi::Rights::RW.bits() as u64,
         });
     }
     let mut info = BootInfo {

@@ -24,7 +24,8 @@ pub static KERNEL_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/mk-kern
 pub static ROOT_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/mktest.elf"));
 
 /// VM0's RAM: the kernel (about 58 MiB with its 56 MiB heap, which holds the mapping
-/// database: a hosted guest's RAM is three mappings per page), 4 MiB of page-table
+/// database: a hosted guest's RAM is three mappings per page and one more per device
+/// task), 4 MiB of page-table
 /// frames, and the root task's pool (the rest, about 9 MiB; the test tasks use a few
 /// hundred KiB). A hosted guest's RAM is added to this. Small on purpose: the kernel
 /// maps the pool page by page at boot, which takes about 2 s per 1,000 pages on
@@ -33,7 +34,8 @@ pub static ROOT_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/mktest.el
 pub const VM0_MEMORY: u64 = 72 << 20;
 
 /// The most RAM a hosted guest may have: the mapping database records every 4 KiB page
-/// of it three times (root, guest server, guest) in the kernel heap.
+/// of it three times (root, guest server, guest) and once per device task in the
+/// kernel heap (`run::check_mappings` refuses what would not fit).
 pub const MAX_HOSTED_MEMORY: u64 = 128 << 20;
 
 /// What the root task does.

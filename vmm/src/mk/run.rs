@@ -36,31 +36,23 @@ pub fn run(mode: Mode) -> Result<Outcome, VmmError> {
 pub fn run_hosted(cfg: &VmConfig) -> Result<Outcome, VmmError> {
     let prepared = crate::virtio::prepare(&cfg.devices)?;
     check_mappings(cfg.mem_size, prepared.len() as u64)?;
-    let devices = (0..prepared.len())
-        .map(|i| crate::acpi::MmioDeviceInfo {
-            base: virtio_mmio_base(i),
-            len: VIRTIO_MMIO_SIZE,
-            gsi: VIRTIO_IRQ_BASE + i as u32,
-        })
-        .collect();
     let mode = Mode::Hosted {
         mib: cfg.mem_size >> 20,
         devices: prepared.len() as u64,
     };
-    let firmware = Firmware::Linux(Box::new(cfg.clone()), devices);
+    // the device windows are filled in once VM0's devices are attached
+    let firmware = Firmware::Linux(Box::new(cfg.clone()), Vec::new());
     boot_vm0(mode, firmware, VM0_MEMORY + cfg.mem_size, Some(prepared))
 }
-
-/// The device tasks hosted mode can have (the guest server's boot message names them).
-pub const MAX_HOSTED_DEVICES: u64 = 4;
 
 /// Refuse a hosted guest the microkernel cannot map: every page of its RAM is mapped by
 /// the root, the guest server, each device task and the guest itself, and the root
 /// owns every page of VM0's RAM besides.
 fn check_mappings(mem: u64, devices: u64) -> Result<(), VmmError> {
-    if devices > MAX_HOSTED_DEVICES {
+    let most = microkernel::bootinfo::layout::MAX_DEVICES;
+    if devices > most {
         return Err(VmmError::Config(format!(
-            "{devices} virtio devices with --hosted: at most {MAX_HOSTED_DEVICES} (disks and the rng; --no-rng frees one)"
+            "{devices} virtio devices with --hosted: at most {most} (disks and the rng; --no-rng frees one)"
         )));
     }
     let pages = mem >> 12;
@@ -80,7 +72,7 @@ fn check_mappings(mem: u64, devices: u64) -> Result<(), VmmError> {
 
 fn boot_vm0(
     mode: Mode,
-    firmware: Firmware,
+    mut firmware: Firmware,
     vm0_memory: u64,
     devices: Option<crate::virtio::Prepared>,
 ) -> Result<Outcome, VmmError> {
@@ -98,7 +90,12 @@ fn boot_vm0(
         Some(p) if !p.is_empty() => {
             let sandbox = Arc::new(crate::seccomp::Sandbox::new(false, 1)?);
             let (bus, infos) = crate::virtio::attach(&vm, &mem, p, &sandbox)?;
-            (bus, infos.len() as u64)
+            let n = infos.len() as u64;
+            // the guest sees each device where VM0 does: same window, same pin
+            if let Firmware::Linux(_, windows) = &mut firmware {
+                *windows = infos;
+            }
+            (bus, n)
         }
         _ => Default::default(),
     };

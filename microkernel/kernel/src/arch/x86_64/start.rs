@@ -69,7 +69,8 @@ extern "C" fn mk_start(boot_info: u64) -> ! {
         threads: 128,
         tasks: paging::MAX_TASKS as u16,
         // a hosted guest's page is mapped by the root, the guest server, each device task
-        // and the guest: 128 MiB (vmm's MAX_HOSTED_MEMORY) with two devices is 164,000
+        // and the guest, and the root owns every VM0 page: a 128 MiB guest (vmm's
+        // MAX_HOSTED_MEMORY) with two devices is about 215,000
         mappings: bootinfo::MAPPINGS as u32,
         // the last line announces guest exits (`bootinfo::hyper`), no task gets it
         irqs: hyper::EXIT_LINE,

@@ -93,14 +93,11 @@ impl Vm0Disk {
         dma.write(self.drv.phys(vdriver::HEADER), &h).map_err(|_| BackendError::Io)?;
         dma.write(self.drv.phys(vdriver::STATUS), &[0xff]).map_err(|_| BackendError::Io)?;
         let data = if kind == T_GET_ID { vdriver::SMALL } else { vdriver::DATA };
-        let mut bufs =
-            [(vdriver::HEADER, 16, false), (data, len, into), (vdriver::STATUS, 1, true)];
-        if len == 0 {
-            bufs[1] = bufs[2];
-        }
-        let n = if len == 0 { 2 } else { 3 };
+        let bufs = [(vdriver::HEADER, 16, false), (data, len, into), (vdriver::STATUS, 1, true)];
+        // a request without data (flush) is header and status only
+        let chain: &[_] = if len == 0 { &[bufs[0], bufs[2]] } else { &bufs };
         REQUESTS.fetch_add(1, Ordering::Relaxed);
-        let used = self.drv.run(&bufs[..n]).map_err(|_| BackendError::Io)?;
+        let used = self.drv.run(chain).map_err(|_| BackendError::Io)?;
         let mut status = [0xffu8];
         let at = self.drv.phys(vdriver::STATUS);
         self.drv.dma().read(at, &mut status).map_err(|_| BackendError::Io)?;

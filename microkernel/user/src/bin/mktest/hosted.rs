@@ -39,8 +39,8 @@ use crate::{booted_with, device, park, report, Root, POOL};
 /// Where the server keeps the guest's RAM (guest-physical 0 is `WINDOW`).
 const WINDOW: u64 = 0xa000_0000;
 const WINDOW_LOG2: u8 = 29;
-/// Label of the root's messages that carry the RAM.
-const RAM_CHUNK: u64 = 0x4a3;
+/// Label of the root's messages that map memory into a task's window (RAM, registers, DMA).
+const MAPPED: u64 = 0x4a3;
 /// The most guest RAM the window holds.
 pub const MAX_RAM: u64 = 1 << WINDOW_LOG2;
 
@@ -172,7 +172,7 @@ extern "C" fn server() -> ! {
         }
     };
     // the device tasks answer the exits in their windows
-    for i in 0..boot.word(2).min(MAX_DEVICES) {
+    for i in 0..boot.word(2).min(layout::MAX_DEVICES) {
         let (base, task) =
             (layout::DEVICE_PHYS + 4096 * i, ThreadId(boot.word(3 + i as usize) as u32));
         if let Err(e) = sys::guest_route(vcpu, guest_route::MMIO, base, 4096, task) {
@@ -283,12 +283,9 @@ pub fn reserve(ram_mib: u64) -> Option<(u64, u64)> {
     POOL.take(size, align).map(|base| (base, size))
 }
 
-/// Device tasks the boot message to the server can name.
-const MAX_DEVICES: u64 = 4;
-
 /// Map `fpage` of the root's into task `t`'s receive window at `offset`.
 fn give(t: ThreadId, fpage: Fpage, offset: u64) -> Result<(), u64> {
-    send(t, &mut Msg::map(RAM_CHUNK, fpage, offset, false), Timeout(500))
+    send(t, &mut Msg::map(MAPPED, fpage, offset, false), Timeout(500))
 }
 
 /// Map the guest's RAM into task `t`'s window from offset 0.
@@ -311,7 +308,7 @@ fn start_device(root: &Root, i: u64, ram: (u64, u64), pool_phys: u64) -> Result<
     give_ram(t, ram.0, ram.1).map_err(|e| fail("guest RAM not taken", e))?;
     let regs = Fpage::new(layout::DEVICES + 4096 * i, 12, Rights::RW).expect("page");
     give(t, regs, device::REGS_AT).map_err(|e| fail("registers not taken", e))?;
-    let dma = POOL.run(device::DMA_LOG2.into()).ok_or(()).map_err(|_| fail("no DMA memory", 0))?;
+    let dma = POOL.run(device::DMA_LOG2.into()).ok_or_else(|| fail("no DMA memory", 0))?;
     let dma_page = Fpage::new(dma, device::DMA_LOG2, Rights::RW).expect("aligned run");
     give(t, dma_page, device::DMA_AT).map_err(|e| fail("DMA buffer not taken", e))?;
     let line = u64::from(layout::DEVICE_IRQ_BASE) + i;
@@ -334,11 +331,11 @@ pub fn run(root: &Root, ram: Option<(u64, u64)>, devices: u64, pool_phys: u64) -
         println!("root: no room in VM0 for the guest's RAM");
         return (port::ENDED_FAILED, 1);
     };
-    if devices > MAX_DEVICES || size > device::MAX_RAM {
+    if devices > layout::MAX_DEVICES || size > device::MAX_RAM {
         println!("root: {devices} devices or {size} bytes of RAM are too many for device tasks");
         return (port::ENDED_FAILED, 1);
     }
-    let mut words = [0u64; 3 + MAX_DEVICES as usize];
+    let mut words = [0u64; 3 + layout::MAX_DEVICES as usize];
     for i in 0..devices {
         match start_device(root, i, (base, size), pool_phys) {
             Ok(t) => words[3 + i as usize] = t.raw(),
