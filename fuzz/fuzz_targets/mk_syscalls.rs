@@ -112,6 +112,10 @@ impl Machine for FuzzMachine {
     fn guest_resume(&mut self, _vcpu: ThreadId, task: TaskId, _value: u64, _pulse: u32) {
         assert!(self.guests.contains(&task), "guest_resume outside a guest");
     }
+    fn guest_interrupt(&mut self, task: TaskId, pins: u32) {
+        assert!(self.guests.contains(&task), "guest_interrupt outside a guest");
+        assert!(pins != 0 && pins >> 24 == 0, "guest_interrupt pins {pins:#x}");
+    }
     fn debug_write(&mut self, _pfn: u64, offset: u64, len: u64) {
         assert!(
             offset < 4096 && offset + len <= 4096,

@@ -32,6 +32,7 @@ pub enum Sysno {
     IrqControl = 7,
     DebugWrite = 8,
     GuestRoute = 9,
+    GuestInterrupt = 10,
 }
 
 impl Sysno {
@@ -47,6 +48,7 @@ impl Sysno {
             7 => Self::IrqControl,
             8 => Self::DebugWrite,
             9 => Self::GuestRoute,
+            10 => Self::GuestInterrupt,
             _ => return None,
         })
     }
@@ -416,6 +418,12 @@ pub mod guest_route {
     pub const MMIO: u64 = 1;
     /// Routes one guest task can have.
     pub const MAX: usize = 8;
+}
+
+/// `guest_interrupt`: the guest's interrupt pins (`a1` is a mask of them).
+pub mod guest_interrupt {
+    /// IOAPIC pins 0..24.
+    pub const PINS: u32 = 24;
 }
 
 pub mod irq_control {

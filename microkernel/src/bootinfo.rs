@@ -205,6 +205,10 @@ pub mod hyper {
     pub const RESUME: u32 = 5;
     /// Change the rights of mapped guest-physical page `rsi` of task `rdi` to `r8`.
     pub const PROTECT: u32 = 6;
+    /// Pulse the IOAPIC pins in the mask `rsi` of task `rdi`'s VM now, whether its vCPU
+    /// runs, halts or waits in an exit (`guest_interrupt`: a device task's interrupt
+    /// that answers no exit, such as a received frame).
+    pub const INTERRUPT: u32 = 7;
     /// VM0-physical address of the exit record.
     pub const EXIT_RECORD: u64 = 0x6000;
     /// The IOAPIC line that announces an exit (not attachable by tasks).

@@ -398,6 +398,14 @@ mod tests {
         assert_eq!(k.guest_exit(vcpu, write), switch(&k, dev));
         assert_eq!(regs(&k, dev).ret[1], vcpu.raw());
         assert_eq!(regs(&k, dev).mrs[1..4], [guest::MMIO_WRITE | 4 << 8, 0xd000_0050, 1]);
+        // a routed device may raise the guest's interrupts any time, not only in replies
+        let interrupt = |k: &mut K, who: ThreadId, vcpu: ThreadId, pins: u64| {
+            sys(k, who, Sysno::GuestInterrupt, [vcpu.raw(), pins, 0, 0], msg(0, &[]));
+            regs(k, who).ret[0]
+        };
+        assert_eq!(interrupt(&mut k, dev, vcpu, 1 << 6), 0);
+        assert_eq!(interrupt(&mut k, dev, root, 1 << 6), Error::InvalidArgument as u64);
+        assert_eq!(k.machine.interrupted, [(task, 1 << 6)]);
         // its reply resumes the vCPU with the interrupt it asks for; the pager saw nothing
         let next = ipc(&mut k, dev, vcpu, ANY, ZERO, NEVER, msg(0, &[0, 1 << 5]));
         assert_eq!(next, switch(&k, root));
@@ -422,6 +430,12 @@ mod tests {
             assert_eq!(route(&mut k, root, i << 12, 0x1000, root), 0);
         }
         assert_eq!(route(&mut k, root, 0x10_0000, 0x1000, root), Error::NoMemory as u64);
+        // the pager may raise interrupts; a task that handles none of the routes may not
+        assert_eq!(interrupt(&mut k, root, vcpu, 1 << 4), 0);
+        let stranger = spawn_task(&mut k, 30, root);
+        assert_eq!(settle(&mut k), Some(stranger));
+        assert_eq!(interrupt(&mut k, stranger, vcpu, 1 << 5), Error::NoPermission as u64);
+        assert_eq!(k.machine.interrupted, [(task, 1 << 6), (task, 1 << 4)]);
     }
 
     #[test]

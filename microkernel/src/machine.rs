@@ -68,6 +68,9 @@ pub trait Machine: PageTables {
     /// whose handler replied `value` (the value an `in` or MMIO read returns), after
     /// pulsing the guest's interrupt lines in the mask `pulse` (bit n: IOAPIC pin n).
     fn guest_resume(&mut self, vcpu: ThreadId, task: TaskId, value: u64, pulse: u32);
+    /// Pulse the IOAPIC pins in `pins` (bit n: pin n) of guest task `task` now, while
+    /// its vCPU runs or waits.
+    fn guest_interrupt(&mut self, task: TaskId, pins: u32);
     /// Print `len` bytes of physical frame `pfn` starting at `offset` (within the frame)
     /// on the kernel console.
     fn debug_write(&mut self, pfn: u64, offset: u64, len: u64);

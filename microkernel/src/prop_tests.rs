@@ -229,6 +229,7 @@ fn args(rng: &mut Rng, k: &K, nr: u64) -> [u64; 4] {
             rng.below(3) << 32 | rng.below(0x3000),
             if rng.chance(30) { 0 } else { thread(rng, k) },
         ],
+        Some(Sysno::GuestInterrupt) => [thread(rng, k), rng.below(1 << 25), 0, 0],
         None => [rng.next(), rng.next(), rng.next(), rng.next()],
     };
     if rng.chance(20) {
@@ -329,14 +330,14 @@ fn dispatcher_survives_random_registers() {
 fn decoder_is_total() {
     let mut rng = Rng(7);
     for _ in 0..200_000 {
-        let nr = if rng.chance(50) { rng.below(11) } else { rng.next() };
+        let nr = if rng.chance(50) { rng.below(12) } else { rng.next() };
         let a = [rng.next(), rng.next(), rng.next(), rng.next()];
         let _ = crate::Syscall::decode(nr, a);
         let _ = Fpage::from_raw(a[0]);
         let _ = MapItem::from_raw(a[1], a[2]);
         let _ = ThreadId::from_raw(a[3]).map(ThreadId::kind);
     }
-    assert_eq!(crate::Syscall::decode(10, [0; 4]), Err(crate::abi::Error::UnknownSyscall));
+    assert_eq!(crate::Syscall::decode(11, [0; 4]), Err(crate::abi::Error::UnknownSyscall));
     assert_eq!(
         crate::Syscall::decode(Sysno::Ipc as u64, [1 << 32, 0, 0, 0]),
         Err(crate::abi::Error::InvalidArgument)

@@ -7,6 +7,11 @@
 //! authority: only it may add or remove routes, and an exit whose route names a dead
 //! thread falls back to it. Design rules: a guest task has at most
 //! `guest_route::MAX` routes, ranges never overlap, lookups are a bounded scan.
+//!
+//! A device raises the guest's interrupts either in its reply to an exit (the reply's
+//! pulse word) or, when it has something to say while the vCPU runs (a received
+//! frame), with `guest_interrupt`. Both rights come from the same place: the pager and
+//! the handlers the pager routed exits to, and nobody else.
 
 use crate::abi::{guest, guest_route, Error, ThreadId};
 use crate::fault::GuestExit;
@@ -45,6 +50,29 @@ impl<M: Machine> Kernel<M> {
         }
         let free = routes.iter_mut().find(|r| r.len == 0).ok_or(Error::NoMemory)?;
         *free = route;
+        Ok([0, 0])
+    }
+
+    /// `guest_interrupt`: pulse the guest IOAPIC pins in `pins` of `vcpu`'s guest now,
+    /// whatever the vCPU is doing. Allowed to the vCPU's pager and to the handlers of
+    /// its guest's routes.
+    pub(crate) fn sys_guest_interrupt(
+        &mut self,
+        me: usize,
+        vcpu: ThreadId,
+        pins: u32,
+    ) -> SysResult {
+        let v = self.live(vcpu).ok_or(Error::NotExist)?;
+        let task = self.threads[v].task;
+        if !self.tasks[task].guest {
+            return Err(Error::InvalidArgument);
+        }
+        let caller = self.threads[me].id;
+        let routed = self.tasks[task].routes.iter().any(|r| r.len != 0 && r.handler == caller);
+        if self.threads[v].pager != caller && !routed {
+            return Err(Error::NoPermission);
+        }
+        self.machine.guest_interrupt(self.task_id(v), pins);
         Ok([0, 0])
     }
 

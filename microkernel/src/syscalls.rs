@@ -7,8 +7,8 @@
 //! `[status, value1, value2]`; a call that blocks gets them when it completes.
 
 use crate::abi::{
-    exregs, guest_route, irq_control, task_new, thread_control, unmap, Error, Fpage, IdKind, Sysno,
-    ThreadId, ARG_COUNT, NO_CHANGE,
+    exregs, guest_interrupt, guest_route, irq_control, task_new, thread_control, unmap, Error,
+    Fpage, IdKind, Sysno, ThreadId, ARG_COUNT, NO_CHANGE,
 };
 use crate::kernel::{Kernel, Next};
 use crate::machine::{Context, Machine};
@@ -54,6 +54,7 @@ pub enum Syscall {
     IrqControl { op: IrqOp, irq: u16, thread: ThreadId },
     DebugWrite { addr: u64, len: u64 },
     GuestRoute { vcpu: ThreadId, route: Route },
+    GuestInterrupt { vcpu: ThreadId, pins: u32 },
 }
 
 /// A range of a guest's exits and the thread that answers them (`guest_route`).
@@ -173,6 +174,12 @@ impl Syscall {
                     Route { space: space as u8, base: a[1], len, handler: thread_or_nil(a[3])? };
                 Syscall::GuestRoute { vcpu: thread(a[0])?, route }
             }
+            Sysno::GuestInterrupt => {
+                if a[1] == 0 || a[1] >> guest_interrupt::PINS != 0 {
+                    return Err(Bad);
+                }
+                Syscall::GuestInterrupt { vcpu: thread(a[0])?, pins: a[1] as u32 }
+            }
         })
     }
 }
@@ -233,6 +240,7 @@ impl<M: Machine> Kernel<M> {
             Syscall::IrqControl { op, irq, thread } => self.sys_irq_control(me, op, irq, thread),
             Syscall::DebugWrite { addr, len } => self.sys_debug_write(me, addr, len),
             Syscall::GuestRoute { vcpu, route } => self.sys_guest_route(me, vcpu, route),
+            Syscall::GuestInterrupt { vcpu, pins } => self.sys_guest_interrupt(me, vcpu, pins),
         })
     }
 }
@@ -290,7 +298,15 @@ mod tests {
         assert!(
             r.catches(1, 0xd000_0fff) && !r.catches(1, 0xd000_1000) && !r.catches(0, 0xd000_0000)
         );
-        assert_eq!(Syscall::decode(10, [0; 4]), Err(Error::UnknownSyscall));
+        for pins in [0, 1 << 24, u64::MAX] {
+            assert_eq!(Syscall::decode(10, [t, pins, 0, 0]), Err(Error::InvalidArgument));
+        }
+        assert_eq!(Syscall::decode(10, [0, 1, 0, 0]), Err(Error::InvalidArgument), "no guest");
+        assert_eq!(
+            Syscall::decode(10, [t, 1 << 23 | 1 << 5, 0, 0]),
+            Ok(Syscall::GuestInterrupt { vcpu: ThreadId(t as u32), pins: 1 << 23 | 1 << 5 })
+        );
+        assert_eq!(Syscall::decode(11, [0; 4]), Err(Error::UnknownSyscall));
         assert_eq!(Syscall::decode(u64::MAX, [0; 4]), Err(Error::UnknownSyscall));
     }
 }

@@ -62,6 +62,8 @@ pub struct TestMachine {
     pub console: Vec<(u64, u64, u64)>,
     /// `guest_resume` calls: (vCPU, task, value, interrupt lines pulsed).
     pub resumed: Vec<(ThreadId, TaskId, u64, u32)>,
+    /// `guest_interrupt` calls: (task, pins).
+    pub interrupted: Vec<(TaskId, u32)>,
 }
 
 impl PageTables for TestMachine {
@@ -96,6 +98,10 @@ impl Machine for TestMachine {
     fn guest_resume(&mut self, vcpu: ThreadId, task: TaskId, value: u64, pulse: u32) {
         assert!(self.mirror.guests.contains(&task), "resume of a vCPU outside a guest");
         self.resumed.push((vcpu, task, value, pulse));
+    }
+    fn guest_interrupt(&mut self, task: TaskId, pins: u32) {
+        assert!(self.mirror.guests.contains(&task), "interrupt for a task that is no guest");
+        self.interrupted.push((task, pins));
     }
 }
 

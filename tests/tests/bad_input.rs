@@ -278,3 +278,46 @@ fn malformed_device_options_are_usage_errors() {
         run.expect(args[0]);
     }
 }
+
+#[test]
+fn hosted_mode_refuses_what_it_cannot_run_before_booting() {
+    let kernel = image("minimal/bzImage");
+    let disk = scratch("hosted-refusal.img");
+    fs::write(&disk, vec![0u8; 4096]).unwrap();
+    let disk = disk.display().to_string();
+    let hosted = |extra: &[&str]| {
+        let mut args = vec!["--kernel", kernel.as_str(), "--hosted"];
+        args.extend_from_slice(extra);
+        run_vmm_here(&args)
+    };
+    let sock = scratch("hosted-refusal.sock").display().to_string();
+    let vsock = format!("cid=3,socket={sock}");
+    fails_with(
+        &hosted(&["--net", "tap=tap0"]),
+        1,
+        "--net is not available with --hosted yet",
+    );
+    fails_with(
+        &hosted(&["--vsock", &vsock]),
+        1,
+        "--vsock is not available with --hosted yet",
+    );
+    fails_with(
+        &hosted(&["--cpus", "2"]),
+        1,
+        "--cpus above 1 is not available with --hosted yet",
+    );
+    fails_with(&hosted(&["--memory", "256M"]), 1, "at most 128 MiB");
+    let d = disk.as_str();
+    let five = ["--disk", d, "--disk", d, "--disk", d, "--disk", d];
+    fails_with(
+        &hosted(&five),
+        1,
+        "5 virtio devices with --hosted: at most 4",
+    );
+    fails_with(
+        &hosted(&["--memory", "128M", "--disk", d, "--disk", d, "--disk", d]),
+        1,
+        "at most 119 MiB with 4 devices",
+    );
+}

@@ -160,8 +160,8 @@ fn a_guest_poking_outside_its_ram_reads_ones_and_cannot_reach_vm0() {
 }
 
 /// The device tasks' closing lines: (exits as IPC, queue notifications, requests to
-/// VM0's device) per task.
-fn device_tasks(run: &Run) -> Vec<(u64, u64, u64)> {
+/// VM0's device, interrupts raised by `guest_interrupt`) per task.
+fn device_tasks(run: &Run) -> Vec<(u64, u64, u64, u64)> {
     lines(&run.output)
         .into_iter()
         .filter(|l| l.starts_with("device task ") && l.contains(" exits as IPC"))
@@ -170,9 +170,10 @@ fn device_tasks(run: &Run) -> Vec<(u64, u64, u64)> {
                 .split(|c: char| !c.is_ascii_digit())
                 .filter_map(|w| w.parse().ok())
                 .collect();
-            // "device task I: N exits as IPC (K queue notifications), R requests to VM0's device"
-            assert_eq!(n.len(), 5, "{l}");
-            (n[1], n[2], n[3])
+            // "device task I: N exits as IPC (K queue notifications), R requests to
+            // VM0's device, Q interrupts by IPC"
+            assert_eq!(n.len(), 6, "{l}");
+            (n[1], n[2], n[3], n[5])
         })
         .collect()
 }
@@ -194,7 +195,7 @@ fn disks_and_rng_are_served_by_device_tasks_in_vm0() {
     // and each task drove VM0's device behind it
     let tasks = device_tasks(&run);
     assert_eq!(tasks.len(), 4, "three disks and the rng:\n{}", run.output);
-    for (i, &(exits, notifies, requests)) in tasks.iter().enumerate() {
+    for (i, &(exits, notifies, requests, _)) in tasks.iter().enumerate() {
         assert!(
             exits > 20 && notifies > 0 && requests > 0,
             "device task {i}: {tasks:?}"
@@ -206,5 +207,5 @@ fn disks_and_rng_are_served_by_device_tasks_in_vm0() {
         "MMIO exits reached the guest server:\n{}",
         run.output
     );
-    eprintln!("hosted devices: {tasks:?} (exits, notifications, VM0 requests per task)");
+    eprintln!("hosted devices: {tasks:?} (exits, notifications, VM0 requests, interrupts by IPC per task)");
 }

@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use integration_tests::{
-    check_disks_and_rng, image, pattern, root, run_guest, scratch_dir, sha256, vsock_peer_binary,
-    Run,
+    check_disks_and_rng, check_network, image, pattern, root, run_guest, scratch_dir, sha256,
+    vsock_peer_binary, Run,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(600);
@@ -55,65 +55,12 @@ fn disks_read_write_flush_readonly_and_rng() {
 
 #[test]
 fn network_through_a_tap_in_a_private_namespace() {
-    let (dir, rel) = scratch("net");
-    let ns = "vmmtest";
-    let guest = "ip addr add 10.0.2.15/24 dev eth0; ip link set eth0 up; \
-        echo MAC=$(cat /sys/class/net/eth0/address); \
-        ping -c 3 -W 5 10.0.2.1 >/dev/null && echo PING=ok; \
-        dd if=/dev/urandom of=/tmp/d bs=1M count=4 2>/dev/null; \
-        echo GSENT=$(sha256sum </tmp/d); \
-        nc 10.0.2.1 5000 </tmp/d; \
-        mkfifo /tmp/f; exec 3<>/tmp/f; nc 10.0.2.1 5001 <&3 >/tmp/r; \
-        echo GRECV=$(sha256sum </tmp/r) $(wc -c </tmp/r)";
-    // Everything network-related happens inside the namespace; the vmm runs there too.
-    // busybox nc exits when its peer half-closes, so each receiving side keeps its own
-    // stdin open (a fifo nobody writes) and sends no FIN before the data is in.
-    let cmd = format!(
-        "set -e; ip() {{ host-exec ip \"$@\"; }}; \
-         ip netns add {ns}; ip -n {ns} link set lo up; \
-         ip -n {ns} tuntap add tap0 mode tap; ip -n {ns} addr add 10.0.2.1/24 dev tap0; \
-         ip -n {ns} link set tap0 up; \
-         if ip link show tap0 >/dev/null 2>&1; then echo TAP-IN-ROOT-NS; fi; \
-         dd if=/dev/urandom of=/tmp/h bs=1M count=4 2>/dev/null; \
-         echo HSENT=$(sha256sum </tmp/h); \
-         mkfifo /tmp/hold; exec 4<>/tmp/hold; \
-         ip netns exec {ns} nc -l -p 5000 <&4 >{rel}/from-guest & a=$!; \
-         ip netns exec {ns} nc -l -p 5001 </tmp/h & b=$!; \
-         set +e; \
-         ip netns exec {ns} {vmm}; st=$?; \
-         sleep 1; kill $a $b 2>/dev/null; wait; \
-         echo HRECV=$(sha256sum <{rel}/from-guest) $(wc -c <{rel}/from-guest); \
-         exit $st",
-        vmm = minimal(&format!(
-            "--net tap=tap0,mac=02:00:00:00:00:2a --cmdline 'console=ttyS0 panic=-1 pci=off quiet -- \"{guest}\"'"
-        )),
-    );
-    let run = run_guest(&cmd, TIMEOUT);
+    let run = check_network("virtio-net", &|net, script| {
+        minimal(&format!(
+            "{net} --cmdline 'console=ttyS0 panic=-1 pci=off quiet -- \"{script}\"'"
+        ))
+    });
     assert_clean(&run);
-    run.expect_status(0);
-    assert!(
-        !run.output.contains("TAP-IN-ROOT-NS"),
-        "the tap is only in the namespace"
-    );
-    assert_eq!(
-        value(&run, "MAC"),
-        "02:00:00:00:00:2a",
-        "MAC from config space"
-    );
-    assert_eq!(value(&run, "PING"), "ok");
-    assert_eq!(
-        value(&run, "HRECV"),
-        value(&run, "GSENT"),
-        "guest → host stream intact:\n{}",
-        run.output
-    );
-    assert_eq!(
-        value(&run, "GRECV"),
-        value(&run, "HSENT"),
-        "host → guest stream intact:\n{}",
-        run.output
-    );
-    let _ = fs::remove_dir_all(&dir);
 }
 
 #[test]

@@ -9,8 +9,10 @@ use core::cell::UnsafeCell;
 use core::ptr;
 use core::sync::atomic::{AtomicBool, Ordering};
 
-// room for a device task: a virtio-blk model has a 64 KiB bounce buffer
-const ARENA: usize = 256 << 10;
+// room for a device task: a virtio-blk model has a 64 KiB bounce buffer, a virtio-net
+// model two frame buffers of 64 KiB + 26 bytes (a 128 KiB block each). Pages of the
+// arena a task never touches cost nothing: its pager maps them on first use.
+const ARENA: usize = 1 << 20;
 /// Smallest block: 16 bytes (room for the free-list link).
 const MIN_CLASS: usize = 4;
 const CLASSES: usize = 20;

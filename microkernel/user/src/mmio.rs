@@ -10,7 +10,9 @@ use core::ptr;
 
 use devices::virtio::{GuestMemory, MemError};
 
-/// A device's 4 KiB register page.
+/// A device's 4 KiB register page. A copy refers to the same page (a driver and its
+/// interrupt handler both need it).
+#[derive(Clone, Copy)]
 pub struct Regs {
     base: u64,
 }

@@ -140,6 +140,12 @@ pub fn guest_route(
     simple(Sysno::GuestRoute, [vcpu.raw(), base, space << 32 | len, handler.raw()]).map(|_| ())
 }
 
+/// Pulse guest `vcpu`'s IOAPIC pins in `pins` now (the caller is its pager or one of
+/// its routes' handlers).
+pub fn guest_interrupt(vcpu: ThreadId, pins: u32) -> Result<(), u64> {
+    simple(Sysno::GuestInterrupt, [vcpu.raw(), u64::from(pins), 0, 0]).map(|_| ())
+}
+
 pub fn debug_write(bytes: &[u8]) -> Result<u64, u64> {
     simple(Sysno::DebugWrite, [bytes.as_ptr() as u64, bytes.len() as u64, 0, 0]).map(|(n, _)| n)
 }

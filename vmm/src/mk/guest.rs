@@ -316,11 +316,18 @@ impl Guests {
                 Ok(())
             }
             hyper::RESUME => self.resume(task, a1, a2, a3),
+            hyper::INTERRUPT => {
+                let g = self
+                    .vms
+                    .get(&task)
+                    .ok_or(format!("INTERRUPT: no guest {task}"))?;
+                pulse(g, a1)
+            }
             _ => Err(format!("unknown hypercall {op}")),
         }
     }
 
-    fn resume(&mut self, task: u64, vcpu: u64, value: u64, pulse: u64) -> Result<(), String> {
+    fn resume(&mut self, task: u64, vcpu: u64, value: u64, pins: u64) -> Result<(), String> {
         self.stats.resumes.fetch_add(1, Ordering::Relaxed);
         let vm0_mem = self.vm0_mem.clone();
         let g = self
@@ -330,12 +337,7 @@ impl Guests {
         if g.dirty {
             sync_slots(g, &vm0_mem)?;
         }
-        // Edges on the guest's IOAPIC pins; KVM injects them when the vCPU runs.
-        for pin in (0..IOAPIC_PINS).filter(|p| pulse & (1 << p) != 0) {
-            g.vm.set_irq_line(pin, true)
-                .and_then(|_| g.vm.set_irq_line(pin, false))
-                .map_err(|e| format!("RESUME: pulse guest pin {pin}: {e}"))?;
-        }
+        pulse(g, pins)?;
         if let Some(tx) = &g.resume {
             return tx
                 .send(value)
@@ -367,6 +369,17 @@ impl Guests {
             .map_err(|e| format!("start the guest vCPU thread: {e}"))?;
         Ok(())
     }
+}
+
+/// Edges on the guest's IOAPIC pins in `pins`; KVM injects them when the vCPU runs
+/// (and wakes it from `hlt`).
+fn pulse(g: &GuestVm, pins: u64) -> Result<(), String> {
+    for pin in (0..IOAPIC_PINS).filter(|p| pins & (1 << p) != 0) {
+        g.vm.set_irq_line(pin, true)
+            .and_then(|_| g.vm.set_irq_line(pin, false))
+            .map_err(|e| format!("pulse guest pin {pin}: {e}"))?;
+    }
+    Ok(())
 }
 
 /// Copy the firmware's scratch image into the guest's pages (through VM0's RAM).

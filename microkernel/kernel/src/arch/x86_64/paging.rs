@@ -261,6 +261,10 @@ impl Machine for X86 {
         cpu::hypercall(hyper::RESUME, [task.0 as u64, vcpu.raw(), value, pulse as u64]);
     }
 
+    fn guest_interrupt(&mut self, task: TaskId, pins: u32) {
+        cpu::hypercall(hyper::INTERRUPT, [task.0 as u64, pins as u64, 0, 0]);
+    }
+
     fn debug_write(&mut self, pfn: u64, offset: u64, len: u64) {
         let start = (pfn << 12) + offset;
         if start + len > IDENTITY_LIMIT || offset + len > PAGE {

@@ -5,7 +5,7 @@
 //! - the guest's RAM at the window's base (guest-physical 0): the only guest memory it
 //!   can touch, through bounds-checked copies (`mkrt::mmio::Window`);
 //! - the register page of VM0's own virtio device `i` (the vmm serves it with its
-//!   native device code and backend: a file, the host's entropy) and a DMA buffer
+//!   native device code and backend: a file, a tap, the host's entropy) and a DMA buffer
 //!   whose VM0-physical address it is told: it drives that device as a user-level
 //!   driver (`mkrt::vdriver`), and the device's interrupt reaches it as IPC;
 //! - nothing else: no other task's memory, no ports.
@@ -15,20 +15,23 @@
 //! exit through the transport; a notification runs the queue there and then (the
 //! backend request included: the vCPU waits, as with a device model in the vCPU
 //! thread), and a used-ring interrupt goes back as a pulse of guest pin
-//! `DEVICE_IRQ_BASE + i` in the reply.
+//! `DEVICE_IRQ_BASE + i` in the reply. What arrives while the guest runs (a frame
+//! from VM0's network device, announced by its interrupt) is moved into the guest's
+//! receive queue by the task, which raises the guest's pin with `guest_interrupt`.
 
 use alloc::boxed::Box;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use devices::virtio::blk::{BackendError, Block, BlockBackend, SECTOR_SIZE};
 use devices::virtio::mmio::MmioTransport;
+use devices::virtio::net::{self, Net, NetBackend, NetError};
 use devices::virtio::rng::{EntropyError, EntropySource, Rng};
 use devices::virtio::{device_type, GuestMemory, Interrupt, VirtioDevice};
-use mkrt::abi::{guest, label, Fpage, Rights};
+use mkrt::abi::{guest, label, Fpage, Rights, ThreadId};
 use mkrt::mmio::{Regs, Window};
 use mkrt::msg::{reply_wait, wait, Msg};
-use mkrt::println;
-use mkrt::vdriver::{self, Driver};
+use mkrt::vdriver::{self, Driver, DriverError, Irq};
+use mkrt::{println, sys};
 
 use crate::{booted_with, park, report};
 
@@ -43,7 +46,8 @@ pub const REGS_AT: u64 = 0x1000_0000;
 pub const DMA_AT: u64 = 0x1010_0000;
 pub const DMA_LOG2: u8 = 17;
 /// Label of the root's question for the task's counts (the reply: exits as IPC,
-/// queue notifications among them, requests to VM0's device).
+/// queue notifications among them, requests to VM0's device, interrupts raised with
+/// `guest_interrupt`).
 pub const STATS: u64 = 0x57a7;
 
 /// The task's report to the root after setting up (word 0).
@@ -55,7 +59,8 @@ pub mod ready {
 
 /// The model raised its interrupt since the last reply.
 static RAISED: AtomicBool = AtomicBool::new(false);
-/// Requests to VM0's device (the backend).
+/// Requests to VM0's device (the backend): disk requests, entropy requests, frames
+/// sent and frames received.
 static REQUESTS: AtomicU64 = AtomicU64::new(0);
 
 struct Raise;
@@ -178,6 +183,97 @@ impl EntropySource for Vm0Entropy {
     }
 }
 
+/// A network interface: VM0's virtio-net device. Receive buffers stay offered on its
+/// queue 0 and are taken back as it fills them; a frame to send goes through one
+/// transmit buffer on queue 1, one at a time. VM0's device is asked for the transmit
+/// offloads the guest may use (checksum, TSO) but no receive offloads: it delivers
+/// plain frames of at most the tap's MTU, which the guest always accepts.
+struct Vm0Net {
+    drv: Driver,
+    /// Receive buffers were offered again since the last notification.
+    refill: bool,
+}
+
+impl Vm0Net {
+    const RX: usize = 0;
+    const TX: usize = 1;
+    /// The transmit buffer: a whole frame as the guest's device may send it.
+    const TX_AT: u64 = vdriver::DATA;
+    const TX_LEN: usize = net::MAX_FRAME;
+    /// Receive buffer `i` (a frame of a 1500-byte MTU and its header fit).
+    const RX_AT: u64 = 0x1_3000;
+    const RX_LEN: u32 = 0x800;
+    /// Features asked of VM0's device.
+    const ACCEPT: u64 = net::feature::MAC
+        | net::feature::STATUS
+        | net::feature::CSUM
+        | net::feature::HOST_TSO4
+        | net::feature::HOST_TSO6
+        | net::feature::HOST_ECN;
+
+    fn new(mut drv: Driver) -> Result<Self, DriverError> {
+        if Self::TX_AT + Self::TX_LEN as u64 > Self::RX_AT {
+            return Err(DriverError::Dma);
+        }
+        for i in 0..vdriver::QUEUE_SIZE {
+            drv.offer(Self::RX, i, &[(Self::rx_at(i), Self::RX_LEN, true)])?;
+        }
+        drv.notify(Self::RX);
+        Ok(Self { drv, refill: false })
+    }
+
+    fn rx_at(i: u16) -> u64 {
+        Self::RX_AT + u64::from(i) * u64::from(Self::RX_LEN)
+    }
+
+    fn mac(&self) -> [u8; 6] {
+        let c = self.drv.config_u64(0).to_le_bytes();
+        [c[0], c[1], c[2], c[3], c[4], c[5]]
+    }
+}
+
+/// `EIO`, for the device's counters: VM0's device failed us.
+const EIO: i32 = 5;
+
+impl NetBackend for Vm0Net {
+    fn send(&mut self, frame: &[u8]) -> Result<(), NetError> {
+        if frame.len() > Self::TX_LEN {
+            return Err(NetError::Io(EIO));
+        }
+        let at = self.drv.phys(Self::TX_AT);
+        self.drv.dma().write(at, frame).map_err(|_| NetError::Io(EIO))?;
+        REQUESTS.fetch_add(1, Ordering::Relaxed);
+        let buf = (Self::TX_AT, frame.len() as u32, false);
+        self.drv.run_on(Self::TX, &[buf]).map(|_| ()).map_err(|_| NetError::Io(EIO))
+    }
+
+    fn recv(&mut self, buf: &mut [u8]) -> Result<Option<usize>, NetError> {
+        let Some((i, len)) = self.drv.used(Self::RX).map_err(|_| NetError::Io(EIO))? else {
+            if core::mem::take(&mut self.refill) {
+                self.drv.notify(Self::RX);
+            }
+            return Ok(None);
+        };
+        REQUESTS.fetch_add(1, Ordering::Relaxed);
+        let n = (len.min(Self::RX_LEN) as usize).min(buf.len());
+        let at = self.drv.phys(Self::rx_at(i));
+        let read = self.drv.dma().read(at, &mut buf[..n]);
+        // the buffer goes back to VM0's device whatever became of its frame
+        self.drv
+            .offer(Self::RX, i, &[(Self::rx_at(i), Self::RX_LEN, true)])
+            .map_err(|_| NetError::Io(EIO))?;
+        self.refill = true;
+        read.map_err(|_| NetError::Io(EIO))?;
+        Ok(Some(n))
+    }
+
+    fn set_offloads(&mut self, _guest_features: u64) -> Result<(), NetError> {
+        // VM0's device produces no offloaded frames (ACCEPT has no GUEST_* bit), which
+        // any guest accepts.
+        Ok(())
+    }
+}
+
 /// The task. Boot message: `[index, VM0 line, guest pin, RAM bytes, DMA physical]`.
 pub extern "C" fn task() -> ! {
     let window = Fpage::new(WINDOW, WINDOW_LOG2, Rights::ALL).expect("aligned window");
@@ -196,8 +292,12 @@ pub extern "C" fn task() -> ! {
             Window::new(WINDOW, ram, 0),
         )
     };
-    let accept = (devices::virtio::blk::feature::RO | devices::virtio::blk::feature::FLUSH) as u32;
-    let drv = match Driver::new(regs, dma, line as u16, accept) {
+    let accept = devices::virtio::blk::feature::RO | devices::virtio::blk::feature::FLUSH;
+    // a network interface has two queues; the others one (read before the reset)
+    let queues =
+        if regs.read32(devices::virtio::mmio::reg::DEVICE_ID) == device_type::NET { 2 } else { 1 };
+    let accept = if queues == 2 { Vm0Net::ACCEPT } else { accept };
+    let drv = match Driver::new(regs, dma, line as u16, accept as u32, queues) {
         Ok(d) => d,
         Err(e) => {
             println!("device task {index}: VM0's device: {e:?}");
@@ -206,6 +306,7 @@ pub extern "C" fn task() -> ! {
         }
     };
     let base = mkrt::bootinfo::layout::DEVICE_PHYS + index * 4096;
+    let vm0 = drv.irq();
     match drv.device_id {
         device_type::BLOCK => {
             let read_only = u64::from(drv.features) & devices::virtio::blk::feature::RO != 0;
@@ -215,12 +316,23 @@ pub extern "C" fn task() -> ! {
             let len = id.iter().position(|&b| b == 0).unwrap_or(id.len());
             let model = Block::new(disk, read_only, &id[..len]);
             report(root, &[ready::OK, device_type::BLOCK.into()]);
-            serve(MmioTransport::new(model, mem, Box::new(Raise)), base, pin)
+            serve(MmioTransport::new(model, mem, Box::new(Raise)), base, pin, vm0)
+        }
+        device_type::NET => {
+            let Ok(wire) = Vm0Net::new(drv) else {
+                println!("device task {index}: VM0's network device refused its buffers");
+                report(root, &[ready::NO_DEVICE, 0]);
+                park()
+            };
+            let mac = wire.mac();
+            let model = Net::new(wire, mac);
+            report(root, &[ready::OK, device_type::NET.into()]);
+            serve(MmioTransport::new(model, mem, Box::new(Raise)), base, pin, vm0)
         }
         device_type::RNG => {
             let model = Rng::new(Vm0Entropy(drv));
             report(root, &[ready::OK, device_type::RNG.into()]);
-            serve(MmioTransport::new(model, mem, Box::new(Raise)), base, pin)
+            serve(MmioTransport::new(model, mem, Box::new(Raise)), base, pin, vm0)
         }
         other => {
             println!("device task {index}: VM0 device type {other} has no device task");
@@ -230,13 +342,39 @@ pub extern "C" fn task() -> ! {
     }
 }
 
-/// Answer the guest's exits in the device's window, forever.
-fn serve<D: VirtioDevice, M: GuestMemory>(mut t: MmioTransport<D, M>, base: u64, pin: u64) -> ! {
+/// Answer the guest's exits in the device's window, and VM0's device's interrupts,
+/// forever.
+///
+/// An exit is answered in the reply (the value read, and the guest pin to pulse if the
+/// model raised its interrupt meanwhile). VM0's interrupt is news from the backend (a
+/// frame arrived): acknowledge it, let the model take what it can, and if that raised
+/// the guest's interrupt, raise it now with `guest_interrupt` (there is no exit to
+/// answer). After a queue notification the model is asked again too: a transmit may
+/// have consumed VM0's interrupt that announced a received frame.
+fn serve<D: VirtioDevice, M: GuestMemory>(
+    mut t: MmioTransport<D, M>,
+    base: u64,
+    pin: u64,
+    vm0: Irq,
+) -> ! {
     let (mut from, mut m) = wait();
-    let (mut exits, mut notifies) = (0u64, 0u64);
+    let (mut exits, mut notifies, mut interrupts) = (0u64, 0u64, 0u64);
+    let mut vcpu = None;
     loop {
+        if m.label() == label::INTERRUPT && from == ThreadId::irq(vm0.line) {
+            vm0.acknowledge();
+            t.backend_ready();
+            if RAISED.swap(false, Ordering::SeqCst) {
+                if let Some(v) = vcpu {
+                    interrupts += u64::from(sys::guest_interrupt(v, 1 << pin).is_ok());
+                }
+            }
+            (from, m) = wait();
+            continue;
+        }
         if m.label() == STATS {
-            let mut r = Msg::new(STATS, &[exits, notifies, REQUESTS.load(Ordering::Relaxed)]);
+            let counts = [exits, notifies, REQUESTS.load(Ordering::Relaxed), interrupts];
+            let mut r = Msg::new(STATS, &counts);
             (from, m) = reply_wait(from, &mut r).map(|f| (f, r)).unwrap_or_else(|_| wait());
             continue;
         }
@@ -244,6 +382,7 @@ fn serve<D: VirtioDevice, M: GuestMemory>(mut t: MmioTransport<D, M>, base: u64,
             (from, m) = wait();
             continue;
         }
+        vcpu = Some(from);
         exits += 1;
         let (kind, size) = (m.word(0) & 0xff, ((m.word(0) >> 8) & 0xff) as usize);
         let size = size.clamp(1, 8);
@@ -255,8 +394,11 @@ fn serve<D: VirtioDevice, M: GuestMemory>(mut t: MmioTransport<D, M>, base: u64,
                 u64::from_le_bytes(b)
             }
             guest::MMIO_WRITE if offset < 4096 => {
-                notifies += u64::from(offset == devices::virtio::mmio::reg::QUEUE_NOTIFY);
                 t.write(offset, &m.word(2).to_le_bytes()[..size]);
+                if offset == devices::virtio::mmio::reg::QUEUE_NOTIFY {
+                    notifies += 1;
+                    t.backend_ready();
+                }
                 0
             }
             _ => u64::MAX,

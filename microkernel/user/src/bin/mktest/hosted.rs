@@ -365,10 +365,11 @@ pub fn run(root: &Root, ram: Option<(u64, u64)>, devices: u64, pool_phys: u64) -
         let asked = send(t, &mut Msg::new(device::STATS, &[]), Timeout(100));
         if let Ok(c) = asked.and_then(|_| root.expect(t, 100)) {
             println!(
-                "device task {i}: {} exits as IPC ({} queue notifications), {} requests to VM0's device",
+                "device task {i}: {} exits as IPC ({} queue notifications), {} requests to VM0's device, {} interrupts by IPC",
                 c.word(0),
                 c.word(1),
-                c.word(2)
+                c.word(2),
+                c.word(3)
             );
         }
     }
