@@ -292,11 +292,12 @@ pub extern "C" fn task() -> ! {
             Window::new(WINDOW, ram, 0),
         )
     };
-    let accept = devices::virtio::blk::feature::RO | devices::virtio::blk::feature::FLUSH;
-    // a network interface has two queues; the others one (read before the reset)
-    let queues =
-        if regs.read32(devices::virtio::mmio::reg::DEVICE_ID) == device_type::NET { 2 } else { 1 };
-    let accept = if queues == 2 { Vm0Net::ACCEPT } else { accept };
+    // what to ask of VM0's device and how many queues it has, by its type (read before
+    // the driver resets it): a network interface two, the others one
+    let (accept, queues) = match regs.read32(devices::virtio::mmio::reg::DEVICE_ID) {
+        device_type::NET => (Vm0Net::ACCEPT, 2),
+        _ => (devices::virtio::blk::feature::RO | devices::virtio::blk::feature::FLUSH, 1),
+    };
     let drv = match Driver::new(regs, dma, line as u16, accept as u32, queues) {
         Ok(d) => d,
         Err(e) => {
