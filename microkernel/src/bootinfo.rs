@@ -185,7 +185,9 @@ mod tests {
 /// the vCPU stays stopped until `RESUME`. An exit VM0 has not answered within
 /// [`hyper::REANNOUNCE_MS`] is announced again (same record, same `seq`); the kernel
 /// takes each `seq` once, so a repeated announcement is harmless and a lost one is
-/// not fatal.
+/// not fatal. The vmm writes the words in order, `seq` last, and the kernel skips a
+/// record whose `seq` changed while it read it (a late repeated announcement that met
+/// the next exit being written).
 pub mod hyper {
     /// The hypercall port (opened to the kernel only).
     pub const PORT: u16 = 0x513;
@@ -213,6 +215,12 @@ pub mod hyper {
     pub const EXIT_RECORD: u64 = 0x6000;
     /// The IOAPIC line that announces an exit (not attachable by tasks).
     pub const EXIT_LINE: u16 = 23;
+    /// The IOAPIC line on which the vmm asks the kernel to print what its threads wait
+    /// for (`mk: thread ...` lines on VM0's console), when an exit has waited
+    /// [`DUMP_AFTER_MS`] for VM0. Not attachable by tasks either.
+    pub const DUMP_LINE: u16 = 22;
+    /// How long an exit waits for `RESUME` before the vmm asks for that dump (once).
+    pub const DUMP_AFTER_MS: u64 = 5_000;
     /// How long the vmm waits for `RESUME` before announcing an exit again.
     pub const REANNOUNCE_MS: u64 = 20;
 

@@ -50,6 +50,7 @@ extern crate std;
 
 pub mod abi;
 pub mod bootinfo;
+mod dump;
 mod fastpath;
 mod fault;
 mod ipc;
@@ -69,6 +70,7 @@ mod prop_tests;
 #[cfg(test)]
 mod testing;
 
+pub use dump::{IrqSummary, ThreadSummary};
 pub use fault::{Fault, GuestExit};
 pub use kernel::{BootError, Config, Kernel, Next};
 #[cfg(any(test, feature = "invariants"))]

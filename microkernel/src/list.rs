@@ -90,7 +90,6 @@ impl Links {
     }
 
     /// The members of `q`, front to back.
-    #[cfg(any(test, feature = "invariants"))]
     pub fn iter<'a>(&'a self, q: &Queue) -> impl Iterator<Item = usize> + 'a {
         let mut at = q.head;
         core::iter::from_fn(move || {

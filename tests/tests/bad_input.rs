@@ -293,11 +293,6 @@ fn hosted_mode_refuses_what_it_cannot_run_before_booting() {
     let sock = scratch("hosted-refusal.sock").display().to_string();
     let vsock = format!("cid=3,socket={sock}");
     fails_with(
-        &hosted(&["--net", "tap=tap0"]),
-        1,
-        "--net is not available with --hosted yet",
-    );
-    fails_with(
         &hosted(&["--vsock", &vsock]),
         1,
         "--vsock is not available with --hosted yet",

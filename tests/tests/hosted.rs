@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use integration_tests::{check_disks_and_rng, image, run_guest, Run};
+use integration_tests::{check_disks_and_rng, check_network, image, run_guest, Run};
 
 const TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -208,4 +208,39 @@ fn disks_and_rng_are_served_by_device_tasks_in_vm0() {
         run.output
     );
     eprintln!("hosted devices: {tasks:?} (exits, notifications, VM0 requests, interrupts by IPC per task)");
+}
+
+#[test]
+fn network_is_served_by_a_device_task_in_vm0() {
+    let run = check_network("hosted-net", &|net, script| {
+        hosted(
+            "minimal/bzImage",
+            "minimal/initramfs.cpio.gz",
+            &format!(
+                "--memory 64M --no-rng {net} --cmdline 'console=ttyS0 panic=-1 pci=off quiet \
+                 lapic=notscdeadline -- \"{script}\"'"
+            ),
+        )
+    });
+    assert!(!run.output.contains("vmm: error"), "{}", run.output);
+    let tasks = device_tasks(&run);
+    assert_eq!(tasks.len(), 1, "one network device task:\n{}", run.output);
+    // 4 MiB each way is thousands of frames through VM0's device; frames that arrive
+    // while the guest runs reach it by `guest_interrupt`, not in an exit's reply
+    let (task_exits, notifies, requests, interrupts) = tasks[0];
+    assert!(
+        task_exits > 20 && notifies > 0 && requests > 2_000 && interrupts > 0,
+        "network device task: {:?}",
+        tasks[0]
+    );
+    let (_, _, server_mmio) = exits(&run);
+    assert_eq!(
+        server_mmio, 0,
+        "MMIO exits reached the guest server:\n{}",
+        run.output
+    );
+    eprintln!(
+        "hosted network: {:?} (exits, notifications, VM0 requests, interrupts by IPC)",
+        tasks[0]
+    );
 }

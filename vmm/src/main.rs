@@ -120,14 +120,9 @@ fn check_hosted(cli: &Cli, memory: u64) -> Result<(), VmmError> {
     let no = |what: &str| {
         Err(VmmError::Config(format!(
             "{what} is not available with --hosted yet: hosted mode has device tasks for \
-             disks and the rng, and one vCPU (run without --hosted for it)"
+             disks, network interfaces and the rng, and one vCPU (run without --hosted for it)"
         )))
     };
-    // The network device task (device.rs, `Vm0Net`) passes a 4 MiB TCP transfer each
-    // way but stalls in a 16 MiB one (an exit VM0 never answers); off until found.
-    if cli.net.is_some() {
-        return no("--net");
-    }
     if cli.vsock.is_some() {
         return no("--vsock");
     }

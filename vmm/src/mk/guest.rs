@@ -551,6 +551,7 @@ impl Link {
         announce()?;
         // VM0 answers in microseconds to milliseconds. Announce again if it does not
         // (the kernel takes each `seq` once), and say so every 30 s.
+        // After `DUMP_AFTER_MS` ask the kernel, once, to print what its threads wait for.
         let every = std::time::Duration::from_millis(hyper::REANNOUNCE_MS);
         let mut waited = std::time::Duration::ZERO;
         loop {
@@ -561,6 +562,15 @@ impl Link {
                     self.stats.reannounced.fetch_add(1, Ordering::Relaxed);
                     announce()?;
                     waited += every;
+                    if waited.as_millis() == u128::from(hyper::DUMP_AFTER_MS) {
+                        eprintln!(
+                            "vmm: the hosted guest's exit {exit:?} has waited {waited:?} for \
+                             VM0; the kernel's threads (mk: lines):"
+                        );
+                        let dump = u32::from(hyper::DUMP_LINE);
+                        self.vm0.set_irq_line(dump, true).ok()?;
+                        self.vm0.set_irq_line(dump, false).ok()?;
+                    }
                     if waited.as_millis() % 30_000 < every.as_millis() {
                         eprintln!(
                             "vmm: the hosted guest's exit {exit:?} has waited {waited:?} for VM0"

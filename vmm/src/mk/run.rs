@@ -52,7 +52,7 @@ fn check_mappings(mem: u64, devices: u64) -> Result<(), VmmError> {
     let most = microkernel::bootinfo::layout::MAX_DEVICES;
     if devices > most {
         return Err(VmmError::Config(format!(
-            "{devices} virtio devices with --hosted: at most {most} (disks and the rng; --no-rng frees one)"
+            "{devices} virtio devices with --hosted: at most {most} (disks, network interfaces and the rng; --no-rng frees one)"
         )));
     }
     let pages = mem >> 12;
@@ -223,9 +223,11 @@ fn vcpu_loop(
         reason,
         regs: dump_regs(vcpu),
     };
+    let mut recent = Recent::default();
     loop {
         let exit = vcpu.run();
         exits += 1;
+        recent.note(&exit);
         let outcome = match exit {
             Ok(VcpuExit::IoOut(hyper::PORT, data)) => {
                 let op = guest::le(data) as u32;
@@ -248,8 +250,13 @@ fn vcpu_loop(
                         None
                     }
                     MK_EXIT_PORT => Some(ended(value, data.get(1).copied().unwrap_or(0))),
-                    // the exit line is the vmm's alone: a task must not forge exits
-                    MK_RAISE_IRQ_PORT if u16::from(value) == hyper::EXIT_LINE => None,
+                    // the exit and dump lines are the vmm's alone: a task must not forge
+                    // exits
+                    MK_RAISE_IRQ_PORT
+                        if [hyper::EXIT_LINE, hyper::DUMP_LINE].contains(&u16::from(value)) =>
+                    {
+                        None
+                    }
                     MK_RAISE_IRQ_PORT => {
                         let line = u32::from(value);
                         let _ = vm.set_irq_line(line, true);
@@ -286,7 +293,8 @@ fn vcpu_loop(
             }
             Ok(VcpuExit::Hlt) => Some(crash("VM0 halted with interrupts off".into(), &vcpu)),
             Ok(VcpuExit::Shutdown) => {
-                Some(crash("VM0 triple fault (KVM_EXIT_SHUTDOWN)".into(), &vcpu))
+                let why = format!("VM0 triple fault (KVM_EXIT_SHUTDOWN); {recent}");
+                Some(crash(why, &vcpu))
             }
             Ok(VcpuExit::InternalError) => pvm::on_internal_error(&mut vcpu, mem, quirks)
                 .err()
@@ -299,5 +307,46 @@ fn vcpu_loop(
             let _ = out.flush();
             return (o, exits);
         }
+    }
+}
+
+/// VM0's last exits, for the report of a crash that leaves no registers (a triple
+/// fault resets the vCPU).
+#[derive(Default)]
+struct Recent {
+    ring: [(char, u64, u64); Recent::LEN],
+    next: usize,
+}
+
+impl Recent {
+    const LEN: usize = 24;
+
+    fn note(&mut self, exit: &Result<VcpuExit, kvm_ioctls::Error>) {
+        let e = match exit {
+            // the console's bytes are in its output already
+            Ok(VcpuExit::IoOut(COM1_PORT, _)) => return,
+            Ok(VcpuExit::IoOut(port, data)) => ('o', u64::from(*port), guest::le(data)),
+            Ok(VcpuExit::IoIn(port, _)) => ('i', u64::from(*port), 0),
+            Ok(VcpuExit::MmioRead(addr, _)) => ('r', *addr, 0),
+            Ok(VcpuExit::MmioWrite(addr, data)) => ('w', *addr, guest::le(data)),
+            _ => return,
+        };
+        self.ring[self.next % Self::LEN] = e;
+        self.next += 1;
+    }
+}
+
+impl std::fmt::Display for Recent {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(
+            f,
+            "its last exits (o/i port out/in, w/r MMIO write/read), oldest first:"
+        )?;
+        let first = self.next.saturating_sub(Self::LEN);
+        for n in first..self.next {
+            let (kind, at, value) = self.ring[n % Self::LEN];
+            write!(f, " {kind}{at:#x}={value:#x}")?;
+        }
+        Ok(())
     }
 }

@@ -48,6 +48,7 @@ pub fn init() {
         ioapic_set(line, true);
     }
     ioapic_set(microkernel::bootinfo::hyper::EXIT_LINE, false);
+    ioapic_set(microkernel::bootinfo::hyper::DUMP_LINE, false);
 }
 
 /// Mask or unmask IOAPIC `line` (edge triggered, fixed delivery to APIC 0).

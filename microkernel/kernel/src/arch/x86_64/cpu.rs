@@ -194,16 +194,29 @@ pub fn hypercall(op: u32, args: [u64; 4]) {
     }
 }
 
-/// The guest exit the vmm wrote at `hyper::EXIT_RECORD`.
-pub fn exit_record() -> microkernel::bootinfo::hyper::ExitRecord {
+/// The guest exit the vmm wrote at `hyper::EXIT_RECORD`, or `None` if the vmm was
+/// writing the next one meanwhile.
+///
+/// An announcement may be taken late (one repeated after `REANNOUNCE_MS` waits in the
+/// IOAPIC while the vCPU is answered and exits again), so the vmm can be rewriting the
+/// record while it is read here. It writes `seq` last; `seq` is read first and again
+/// last, and a record whose two `seq`s differ is torn: skipped, as the vmm announces
+/// the record again when it is whole.
+pub fn exit_record() -> Option<microkernel::bootinfo::hyper::ExitRecord> {
     use microkernel::bootinfo::hyper::{ExitRecord, EXIT_RECORD};
+    let at = |i: usize| {
+        // SAFETY: the record page is in the kernel's identity map of the first GiB and
+        // belongs to no task; only the vmm writes it.
+        unsafe { core::ptr::read_volatile((EXIT_RECORD as *const u64).add(i)) }
+    };
+    // volatile reads stay in program order, and x86 keeps loads in order
+    let seq = at(ExitRecord::WORDS - 1);
     let mut w = [0u64; ExitRecord::WORDS];
     for (i, x) in w.iter_mut().enumerate() {
-        // SAFETY: the record page is in the kernel's identity map of the first GiB and
-        // belongs to no task; the vmm wrote it before raising the exit line.
-        *x = unsafe { core::ptr::read_volatile((EXIT_RECORD as *const u64).add(i)) };
+        *x = at(i);
     }
-    ExitRecord::from_words(w)
+    (at(ExitRecord::WORDS - 1) == seq && w[ExitRecord::WORDS - 1] == seq)
+        .then(|| ExitRecord::from_words(w))
 }
 
 pub fn cr2() -> u64 {

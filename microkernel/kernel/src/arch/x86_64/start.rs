@@ -72,8 +72,9 @@ extern "C" fn mk_start(boot_info: u64) -> ! {
         // and the guest, and the root owns every VM0 page: a 128 MiB guest (vmm's
         // MAX_HOSTED_MEMORY) with two devices is about 215,000
         mappings: bootinfo::MAPPINGS as u32,
-        // the last line announces guest exits (`bootinfo::hyper`), no task gets it
-        irqs: hyper::EXIT_LINE,
+        // the last two lines are the vmm's (`bootinfo::hyper`): a dump request and guest
+        // exits; no task gets them
+        irqs: hyper::DUMP_LINE,
         user_start: layout::USER_START,
         user_end: layout::USER_END,
         timeslice: 2,

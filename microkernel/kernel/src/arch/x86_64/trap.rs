@@ -2,8 +2,9 @@
 //! of syscalls, faults, exceptions and interrupts, and acting on the core's `Next`.
 //!
 //! Vectors: 0..32 CPU exceptions (14 = page fault), 32 the LAPIC timer (the core's
-//! tick), 33..56 IOAPIC lines 0..23 (interrupts as IPC), 56 line 23: a guest exit
-//! (`bootinfo::hyper`). Anything else is ignored.
+//! tick), 33..55 IOAPIC lines 0..22 (interrupts as IPC), 55 line 22: the vmm asks for
+//! a dump of the threads, 56 line 23: a guest exit (`bootinfo::hyper`). Anything else
+//! is ignored.
 //! On kvm-pvm (boot flag `INT_SYSCALL`) the breakpoint trap `int3` is the system call:
 //! that host neither enters ring 0 on SYSCALL nor delivers `int n` from user mode for a
 //! guest that is not PVM-aware, but it does deliver #BP.
@@ -16,7 +17,7 @@ use microkernel::bootinfo::{hyper, SYSCALL_VECTOR};
 use microkernel::{GuestExit, Kernel, Next};
 
 use super::entry::{exit_to_user, idle, Ctx, Shared};
-use super::{apic, cpu, paging::X86};
+use super::{apic, console, cpu, paging::X86};
 
 pub const TIMER_VECTOR: u64 = 32;
 pub const IRQ_VECTOR_BASE: u64 = 33;
@@ -111,14 +112,16 @@ fn interrupt(k: &mut Kernel<X86>, vector: u64) -> Next {
     match vector {
         TIMER_VECTOR => k.tick(),
         v if v == IRQ_VECTOR_BASE + hyper::EXIT_LINE as u64 => {
-            let r = cpu::exit_record();
-            // an exit announced again (`hyper::REANNOUNCE_MS`) is taken once
-            if LAST_EXIT.swap(r.seq, Ordering::Relaxed) == r.seq {
+            // an exit announced again (`hyper::REANNOUNCE_MS`) is taken once; a record
+            // read while the vmm rewrote it is left for the announcement that follows
+            let Some(r) = cpu::exit_record().filter(|r| LAST_EXIT.load(Ordering::Relaxed) != r.seq)
+            else {
                 return match k.current() {
                     Some(_) => Next::Resume,
                     None => Next::Idle,
                 };
-            }
+            };
+            LAST_EXIT.store(r.seq, Ordering::Relaxed);
             let exit = GuestExit {
                 kind: r.kind as u8,
                 size: r.size as u8,
@@ -127,6 +130,13 @@ fn interrupt(k: &mut Kernel<X86>, vector: u64) -> Next {
                 pulse: 0,
             };
             k.guest_exit(ThreadId(r.vcpu as u32), exit)
+        }
+        v if v == IRQ_VECTOR_BASE + hyper::DUMP_LINE as u64 => {
+            console::dump(k);
+            match k.current() {
+                Some(_) => Next::Resume,
+                None => Next::Idle,
+            }
         }
         v if (IRQ_VECTOR_BASE..IRQ_VECTOR_BASE + IRQ_LINES as u64).contains(&v) => {
             k.interrupt((v - IRQ_VECTOR_BASE) as u16)
