@@ -185,9 +185,10 @@ mod tests {
 /// the vCPU stays stopped until `RESUME`. An exit VM0 has not answered within
 /// [`hyper::REANNOUNCE_MS`] is announced again (same record, same `seq`); the kernel
 /// takes each `seq` once, so a repeated announcement is harmless and a lost one is
-/// not fatal. The vmm writes the words in order, `seq` last, and the kernel skips a
-/// record whose `seq` changed while it read it (a late repeated announcement that met
-/// the next exit being written).
+/// not fatal. The record is a sequence lock: the vmm first sets `seq` to 0, then writes
+/// the other words and `seq` last; the kernel reads `seq`, the words, `seq` again, and
+/// skips a record whose `seq` is 0 or changed meanwhile (a late repeated announcement
+/// that met the next exit being written; its own announcement follows).
 pub mod hyper {
     /// The hypercall port (opened to the kernel only).
     pub const PORT: u16 = 0x513;
@@ -224,7 +225,7 @@ pub mod hyper {
     /// How long the vmm waits for `RESUME` before announcing an exit again.
     pub const REANNOUNCE_MS: u64 = 20;
 
-    /// One exit, as five little-endian words at [`EXIT_RECORD`].
+    /// One exit, as six little-endian words at [`EXIT_RECORD`].
     #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
     pub struct ExitRecord {
         /// The vCPU thread's id (`ThreadId::raw`).
@@ -234,7 +235,8 @@ pub mod hyper {
         pub size: u64,
         pub addr: u64,
         pub data: u64,
-        /// The exit's number (from 1, increasing by one per exit).
+        /// The exit's number (from 1, increasing by one per exit; 0 while the record is
+        /// being written).
         pub seq: u64,
     }
 

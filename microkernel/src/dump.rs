@@ -21,7 +21,8 @@ pub struct ThreadSummary {
     /// The state's name: `halted`, `ready`, `running`, `send`, `recv`, `faulted`,
     /// `in-guest`.
     pub state: &'static str,
-    /// Whom it sends to or receives from (NIL: anyone, or nobody).
+    /// Whom it sends to or receives from: a thread, an interrupt line's id
+    /// (`ThreadId::irq`), or NIL (anyone, or nobody).
     pub peer: ThreadId,
     /// Its user instruction pointer.
     pub ip: u64,
@@ -53,7 +54,8 @@ impl<M: Machine> Kernel<M> {
                     State::SendBlocked { to, .. } => ("send", to),
                     State::RecvBlocked(r) => match r.from {
                         Peer::Thread(from) => ("recv", from),
-                        _ => ("recv", ThreadId::NIL),
+                        Peer::Irq(line) => ("recv", ThreadId::irq(line)),
+                        Peer::Any => ("recv", ThreadId::NIL),
                     },
                     State::Faulted => ("faulted", ThreadId::NIL),
                     State::InGuest => ("in-guest", ThreadId::NIL),

@@ -22,7 +22,7 @@
 //! exit (the vCPU thread then ends), which is when its server deletes it.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread;
 
@@ -538,7 +538,11 @@ impl Link {
     /// Hand `exit` to VM0 and wait for the answer (None: the guest was destroyed).
     fn exit(&self, mut exit: ExitRecord, resume: &mpsc::Receiver<u64>) -> Option<u64> {
         exit.seq = self.stats.exits.fetch_add(1, Ordering::Relaxed) + 1;
+        // a sequence lock (`hyper`): `seq` 0 while the words change, the new `seq` last
         let words = exit.to_words();
+        let seq_at = GuestAddress(hyper::EXIT_RECORD + 8 * (hyper::ExitRecord::WORDS as u64 - 1));
+        self.vm0_mem.write_obj(0u64, seq_at).ok()?;
+        fence(Ordering::SeqCst);
         for (i, w) in words.iter().enumerate() {
             let at = GuestAddress(hyper::EXIT_RECORD + 8 * i as u64);
             self.vm0_mem.write_obj(*w, at).ok()?;
@@ -554,6 +558,7 @@ impl Link {
         // After `DUMP_AFTER_MS` ask the kernel, once, to print what its threads wait for.
         let every = std::time::Duration::from_millis(hyper::REANNOUNCE_MS);
         let mut waited = std::time::Duration::ZERO;
+        let mut dumped = false;
         loop {
             match resume.recv_timeout(every) {
                 Ok(v) => return Some(v),
@@ -562,14 +567,16 @@ impl Link {
                     self.stats.reannounced.fetch_add(1, Ordering::Relaxed);
                     announce()?;
                     waited += every;
-                    if waited.as_millis() == u128::from(hyper::DUMP_AFTER_MS) {
+                    if !dumped && waited.as_millis() >= u128::from(hyper::DUMP_AFTER_MS) {
+                        dumped = true;
                         eprintln!(
                             "vmm: the hosted guest's exit {exit:?} has waited {waited:?} for \
                              VM0; the kernel's threads (mk: lines):"
                         );
+                        // a diagnostic: if the pulse fails, the exit still waits
                         let dump = u32::from(hyper::DUMP_LINE);
-                        self.vm0.set_irq_line(dump, true).ok()?;
-                        self.vm0.set_irq_line(dump, false).ok()?;
+                        let _ = self.vm0.set_irq_line(dump, true);
+                        let _ = self.vm0.set_irq_line(dump, false);
                     }
                     if waited.as_millis() % 30_000 < every.as_millis() {
                         eprintln!(

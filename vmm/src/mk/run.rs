@@ -30,8 +30,8 @@ pub fn run(mode: Mode) -> Result<Outcome, VmmError> {
 /// own, its RAM a region of VM0's.
 ///
 /// The guest's virtio devices are VM0's first: the vmm serves each as a virtio-mmio
-/// device of VM0 (the same code as native mode, with its backend: a file, the host's
-/// entropy), and a device task in VM0 drives it as the backend of the guest's device
+/// device of VM0 (the same code as native mode, with its backend: a file, a tap, the
+/// host's entropy), and a device task in VM0 drives it as the backend of the guest's device
 /// with the same window and interrupt line in the guest VM.
 pub fn run_hosted(cfg: &VmConfig) -> Result<Outcome, VmmError> {
     let prepared = crate::virtio::prepare(&cfg.devices)?;
@@ -250,13 +250,9 @@ fn vcpu_loop(
                         None
                     }
                     MK_EXIT_PORT => Some(ended(value, data.get(1).copied().unwrap_or(0))),
-                    // the exit and dump lines are the vmm's alone: a task must not forge
-                    // exits
-                    MK_RAISE_IRQ_PORT
-                        if [hyper::EXIT_LINE, hyper::DUMP_LINE].contains(&u16::from(value)) =>
-                    {
-                        None
-                    }
+                    // the dump and exit lines (and above) are the vmm's alone: a task must
+                    // not forge exits
+                    MK_RAISE_IRQ_PORT if u16::from(value) >= hyper::DUMP_LINE => None,
                     MK_RAISE_IRQ_PORT => {
                         let line = u32::from(value);
                         let _ = vm.set_irq_line(line, true);
@@ -326,7 +322,7 @@ impl Recent {
             // the console's bytes are in its output already
             Ok(VcpuExit::IoOut(COM1_PORT, _)) => return,
             Ok(VcpuExit::IoOut(port, data)) => ('o', u64::from(*port), guest::le(data)),
-            Ok(VcpuExit::IoIn(port, _)) => ('i', u64::from(*port), 0),
+            Ok(VcpuExit::IoIn(port, _)) => ('i', u64::from(*port), u64::MAX),
             Ok(VcpuExit::MmioRead(addr, _)) => ('r', *addr, 0),
             Ok(VcpuExit::MmioWrite(addr, data)) => ('w', *addr, guest::le(data)),
             _ => return,
@@ -344,8 +340,11 @@ impl std::fmt::Display for Recent {
         )?;
         let first = self.next.saturating_sub(Self::LEN);
         for n in first..self.next {
-            let (kind, at, value) = self.ring[n % Self::LEN];
-            write!(f, " {kind}{at:#x}={value:#x}")?;
+            match self.ring[n % Self::LEN] {
+                // the value an `in` reads is not kept
+                ('i', at, _) => write!(f, " i{at:#x}")?,
+                (kind, at, value) => write!(f, " {kind}{at:#x}={value:#x}")?,
+            }
         }
         Ok(())
     }

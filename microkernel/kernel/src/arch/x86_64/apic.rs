@@ -1,5 +1,6 @@
 //! The local APIC (the periodic timer that drives the core's ticks, end of interrupt)
-//! and the IOAPIC (lines 0..24 as vectors 33..57, masked until a handler unmasks them).
+//! and the IOAPIC (lines 0..24 as vectors 33..57: tasks' lines masked until a handler
+//! unmasks them, the vmm's two — dump request and guest exit — unmasked from boot).
 //!
 //! Both are MMIO in the APIC window `paging` maps. The legacy PIC is never programmed:
 //! LINT0 is masked so it cannot deliver anything.

@@ -199,9 +199,9 @@ pub fn hypercall(op: u32, args: [u64; 4]) {
 ///
 /// An announcement may be taken late (one repeated after `REANNOUNCE_MS` waits in the
 /// IOAPIC while the vCPU is answered and exits again), so the vmm can be rewriting the
-/// record while it is read here. It writes `seq` last; `seq` is read first and again
-/// last, and a record whose two `seq`s differ is torn: skipped, as the vmm announces
-/// the record again when it is whole.
+/// record while it is read here. The record is a sequence lock (`bootinfo::hyper`):
+/// the vmm zeroes `seq`, writes the rest, then `seq`; a record read with `seq` 0 or
+/// with two different `seq`s is torn and skipped, as the vmm announces it once whole.
 pub fn exit_record() -> Option<microkernel::bootinfo::hyper::ExitRecord> {
     use microkernel::bootinfo::hyper::{ExitRecord, EXIT_RECORD};
     let at = |i: usize| {
@@ -215,7 +215,7 @@ pub fn exit_record() -> Option<microkernel::bootinfo::hyper::ExitRecord> {
     for (i, x) in w.iter_mut().enumerate() {
         *x = at(i);
     }
-    (at(ExitRecord::WORDS - 1) == seq && w[ExitRecord::WORDS - 1] == seq)
+    (seq != 0 && at(ExitRecord::WORDS - 1) == seq && w[ExitRecord::WORDS - 1] == seq)
         .then(|| ExitRecord::from_words(w))
 }
 
