@@ -92,7 +92,8 @@ impl<M: Machine> Kernel<M> {
 mod tests {
     use alloc::vec::Vec;
 
-    use crate::abi::ThreadId;
+    use super::IrqSummary;
+    use crate::abi::{irq_control, Sysno, ThreadId};
     use crate::testing::*;
 
     #[test]
@@ -111,5 +112,26 @@ mod tests {
         assert_eq!((of(client).state, of(client).peer), ("send", server));
         assert_eq!(s.len(), 3, "root, server, client: {s:?}");
         assert_eq!(k.irq_summaries().count(), 0);
+    }
+
+    #[test]
+    fn a_driver_waiting_for_its_interrupt_names_the_line() {
+        let (mut k, root) = boot();
+        let driver = spawn(&mut k, root, 30, NIL);
+        let attach = [irq_control::ATTACH, 2, driver.raw(), 0];
+        sys(&mut k, root, Sysno::IrqControl, attach, msg(0, &[]));
+        assert_eq!(settle(&mut k), Some(driver));
+        // it fires while the driver runs: pending
+        k.interrupt(2);
+        let lines: Vec<_> = k.irq_summaries().collect();
+        assert_eq!(lines, [IrqSummary { line: 2, handler: driver, pending: true }]);
+        // the driver takes it, acknowledges, and waits for the next one
+        let wait = |k: &mut K| ipc(k, driver, NIL, ThreadId::irq(2), ZERO, NEVER, msg(0, &[]));
+        wait(&mut k);
+        sys(&mut k, driver, Sysno::IrqControl, [irq_control::ACK, 2, 0, 0], msg(0, &[]));
+        wait(&mut k);
+        let d = k.thread_summaries().find(|t| t.id == driver).unwrap();
+        assert_eq!((d.state, d.peer), ("recv", ThreadId::irq(2)));
+        assert!(k.irq_summaries().all(|l| !l.pending));
     }
 }
