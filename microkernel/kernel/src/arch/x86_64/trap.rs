@@ -116,10 +116,7 @@ fn interrupt(k: &mut Kernel<X86>, vector: u64) -> Next {
             // read while the vmm rewrote it is left for the announcement that follows
             let Some(r) = cpu::exit_record().filter(|r| LAST_EXIT.load(Ordering::Relaxed) != r.seq)
             else {
-                return match k.current() {
-                    Some(_) => Next::Resume,
-                    None => Next::Idle,
-                };
+                return carry_on(k);
             };
             LAST_EXIT.store(r.seq, Ordering::Relaxed);
             let exit = GuestExit {
@@ -133,18 +130,20 @@ fn interrupt(k: &mut Kernel<X86>, vector: u64) -> Next {
         }
         v if v == IRQ_VECTOR_BASE + hyper::DUMP_LINE as u64 => {
             console::dump(k);
-            match k.current() {
-                Some(_) => Next::Resume,
-                None => Next::Idle,
-            }
+            carry_on(k)
         }
         v if (IRQ_VECTOR_BASE..IRQ_VECTOR_BASE + IRQ_LINES as u64).contains(&v) => {
             k.interrupt((v - IRQ_VECTOR_BASE) as u16)
         }
-        _ => match k.current() {
-            Some(_) => Next::Resume,
-            None => Next::Idle,
-        },
+        _ => carry_on(k),
+    }
+}
+
+/// An interrupt that changed no thread: back to the running one, or to idle.
+fn carry_on(k: &Kernel<X86>) -> Next {
+    match k.current() {
+        Some(_) => Next::Resume,
+        None => Next::Idle,
     }
 }
 

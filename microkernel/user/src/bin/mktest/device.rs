@@ -211,19 +211,26 @@ impl Vm0Net {
         | net::feature::HOST_TSO6
         | net::feature::HOST_ECN;
 
-    fn new(mut drv: Driver) -> Result<Self, DriverError> {
+    fn new(drv: Driver) -> Result<Self, DriverError> {
         if Self::TX_AT + Self::TX_LEN as u64 > Self::RX_AT {
             return Err(DriverError::Dma);
         }
+        let mut net = Self { drv, refill: false };
         for i in 0..vdriver::QUEUE_SIZE {
-            drv.offer(Self::RX, i, &[(Self::rx_at(i), Self::RX_LEN, true)])?;
+            net.offer_rx(i)?;
         }
-        drv.notify(Self::RX);
-        Ok(Self { drv, refill: false })
+        net.drv.notify(Self::RX);
+        Ok(net)
     }
 
+    /// Receive buffer `i`'s offset in the DMA window.
     fn rx_at(i: u16) -> u64 {
         Self::RX_AT + u64::from(i) * u64::from(Self::RX_LEN)
+    }
+
+    /// Offer receive buffer `i` (descriptor `i`) to VM0's device.
+    fn offer_rx(&mut self, i: u16) -> Result<(), DriverError> {
+        self.drv.offer(Self::RX, i, &[(Self::rx_at(i), Self::RX_LEN, true)])
     }
 
     fn mac(&self) -> [u8; 6] {
@@ -259,9 +266,7 @@ impl NetBackend for Vm0Net {
         let at = self.drv.phys(Self::rx_at(i));
         let read = self.drv.dma().read(at, &mut buf[..n]);
         // the buffer goes back to VM0's device whatever became of its frame
-        self.drv
-            .offer(Self::RX, i, &[(Self::rx_at(i), Self::RX_LEN, true)])
-            .map_err(|_| NetError::Io(EIO))?;
+        self.offer_rx(i).map_err(|_| NetError::Io(EIO))?;
         self.refill = true;
         read.map_err(|_| NetError::Io(EIO))?;
         Ok(Some(n))
