@@ -59,6 +59,10 @@ pub mod flags {
     /// that is not PVM-aware (it raises #UD), but it delivers #BP. Passed to the root
     /// task in `r8`.
     pub const INT_SYSCALL: u64 = 1;
+    /// Hosted mode, test only (`vmm --test-device-faults`): the guest may make a device
+    /// task crash on purpose (a write to register 0xf00 of the device's window), to
+    /// test that the root restarts it.
+    pub const DEVICE_FAULTS: u64 = 2;
 }
 
 /// The vector of the trap system-call entry (`int3`; same registers as SYSCALL).

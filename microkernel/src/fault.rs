@@ -18,6 +18,9 @@
 //! vCPU ([`Machine::guest_resume`]). A vCPU's first exit is `guest::START`, sent when
 //! the task is created: its reply maps the guest's RAM. The pager may route ranges of
 //! ports or addresses to device tasks (`route.rs`); those exits go there instead.
+//! An exit outlives its handler: deleting the thread that has it (or that it waits
+//! for) raises it again, to whoever handles it now (`Kernel::redeliver`), which is
+//! how a restarted device task takes over the access its predecessor died in.
 
 use crate::abi::{guest, label, Fpage, MsgTag, Rights, ThreadId, Timeout, MR_COUNT, PAGE_BITS};
 use crate::kernel::{Kernel, Next};
@@ -152,6 +155,21 @@ impl<M: Machine> Kernel<M> {
             self.raise_to(i, Fault::Guest(exit), handler);
         }
         self.reschedule(entered)
+    }
+
+    /// The handler of vCPU `i`'s pending exit is gone (deleted before it answered, or
+    /// while the exit waited for it): raise the exit again, to the thread that handles
+    /// it now — a route's new handler (a restarted device task), else the pager. Returns
+    /// false if `i` has no unanswered guest exit. The exit was not answered, so the
+    /// guest's access has not happened yet; whoever gets it now performs it.
+    pub(crate) fn redeliver(&mut self, i: usize) -> bool {
+        let Some(Fault::Guest(exit)) = self.threads[i].fault else {
+            return false;
+        };
+        let handler = self.exit_handler(i, &exit);
+        // `raise_to` only sends to a live handler, so this cannot fail back here.
+        self.raise_to(i, Fault::Guest(exit), handler);
+        true
     }
 
     /// The vCPU thread `i` got its handler's answer: back into the guest.
@@ -436,6 +454,81 @@ mod tests {
         assert_eq!(settle(&mut k), Some(stranger));
         assert_eq!(interrupt(&mut k, stranger, vcpu, 1 << 5), Error::NoPermission as u64);
         assert_eq!(k.machine.interrupted, [(task, 1 << 6), (task, 1 << 4)]);
+    }
+
+    #[test]
+    fn an_exit_whose_handler_dies_goes_to_the_new_handler_or_the_pager() {
+        use crate::abi::{guest, guest_route, thread_control};
+        use crate::GuestExit;
+        let (mut k, root) = boot();
+        let (vcpu, task) = guest(&mut k, root);
+        assert_eq!(ipc(&mut k, root, NIL, ANY, ZERO, NEVER, msg(0, &[])), Next::Resume);
+        assert_eq!(ipc(&mut k, root, vcpu, NIL, ZERO, ZERO, msg(0, &[])), Next::Resume);
+        let route = |k: &mut K, base: u64, h: ThreadId| {
+            let a = [vcpu.raw(), base, guest_route::MMIO << 32 | 0x1000, h.raw()];
+            sys(k, root, Sysno::GuestRoute, a, msg(0, &[]));
+            regs(k, root).ret[0]
+        };
+        let device = |k: &mut K| {
+            let d = spawn_task(k, 20, root);
+            assert_eq!(settle(k), Some(d));
+            assert_eq!(ipc(k, d, NIL, ANY, ZERO, NEVER, msg(0, &[])), switch(k, root));
+            d
+        };
+        let delete = |k: &mut K, t: ThreadId| {
+            let del = [thread_control::DELETE_TASK, t.raw(), 0, 0];
+            sys(k, root, Sysno::ThreadControl, del, msg(0, &[]));
+            assert_eq!(regs(k, root).ret[0], 0);
+            k.check();
+        };
+        let old = device(&mut k);
+        assert_eq!(route(&mut k, 0xd000_0000, old), 0);
+        let write = GuestExit {
+            kind: guest::MMIO_WRITE as u8,
+            size: 4,
+            addr: 0xd000_0050,
+            data: 7,
+            pulse: 0,
+        };
+        let words = [guest::MMIO_WRITE | 4 << 8, 0xd000_0050, 7];
+        // the device thread takes the exit and dies in it (a page fault nobody answers)
+        assert_eq!(k.guest_exit(vcpu, write), switch(&k, old));
+        assert_eq!(k.page_fault(0xdead_0000, Rights::R), switch(&k, root));
+        // its replacement takes over the route before the old task is deleted ...
+        let new = device(&mut k);
+        assert_eq!(route(&mut k, 0xd000_0000, NIL), 0);
+        assert_eq!(route(&mut k, 0xd000_0000, new), 0);
+        delete(&mut k, old);
+        // ... and gets the unanswered exit, whose answer resumes the vCPU
+        assert_eq!(regs(&k, new).ret[1], vcpu.raw());
+        assert_eq!(regs(&k, new).mrs[1..4], words);
+        assert_eq!(k.machine.resumed.len(), 1, "only START so far");
+        assert_eq!(settle(&mut k), Some(new));
+        assert_eq!(
+            ipc(&mut k, new, vcpu, ANY, ZERO, NEVER, msg(0, &[0, 1 << 5])),
+            switch(&k, root)
+        );
+        assert_eq!(k.machine.resumed.last(), Some(&(vcpu, task, 0, 1 << 5)));
+        // a handler that dies with no successor: the exit goes to the pager
+        assert_eq!(k.guest_exit(vcpu, write), switch(&k, new));
+        assert_eq!(k.page_fault(0xdead_0000, Rights::R), switch(&k, root));
+        delete(&mut k, new);
+        assert_eq!(ipc(&mut k, root, NIL, vcpu, ZERO, ZERO, msg(0, &[])), Next::Resume);
+        assert_eq!(regs(&k, root).mrs[1..4], words, "the pager has the exit");
+        assert_eq!(ipc(&mut k, root, vcpu, NIL, ZERO, ZERO, msg(0, &[])), Next::Resume);
+        assert_eq!(state(&k, vcpu), State::InGuest);
+        // an exit still queued for a busy handler (here: one waiting for its pager) too
+        let busy = device(&mut k);
+        assert_eq!(route(&mut k, 0xd000_0000, NIL), 0);
+        assert_eq!(route(&mut k, 0xd000_0000, busy), 0);
+        assert_eq!(ipc(&mut k, root, busy, NIL, ZERO, ZERO, msg(0, &[])), switch(&k, busy));
+        let r = ipc(&mut k, busy, root, root, NEVER, NEVER, msg(0, &[]));
+        assert_eq!(r, switch(&k, root));
+        assert_eq!(k.guest_exit(vcpu, write), Next::Resume);
+        assert!(matches!(state(&k, vcpu), State::SendBlocked { .. }));
+        delete(&mut k, busy);
+        assert_eq!(ipc(&mut k, root, NIL, vcpu, ZERO, ZERO, msg(0, &[])), Next::Resume);
+        assert_eq!(regs(&k, root).mrs[1..4], words);
     }
 
     #[test]

@@ -234,7 +234,9 @@ impl<M: Machine> Kernel<M> {
 
     /// End the IPC of thread `i` (blocked, or running in its system call) with
     /// `result`: the partner's id, or an error. A thread in fault IPC resumes on success
-    /// and becomes faulted on error; any other thread gets the result in its registers.
+    /// and becomes faulted on error, except a vCPU whose exit handler died before it
+    /// answered: its exit goes to whoever handles it now (`fault::redeliver`). Any other
+    /// thread gets the result in its registers.
     pub(crate) fn finish(&mut self, i: usize, result: Result<ThreadId, Error>) {
         if let State::SendBlocked { to, .. } = self.threads[i].state {
             if let Some(r) = self.live(to) {
@@ -249,6 +251,7 @@ impl<M: Machine> Kernel<M> {
                     self.threads[i].fault = None;
                     self.make_ready(i);
                 }
+                Err(Error::SendNotExist | Error::RecvNotExist) if self.redeliver(i) => {}
                 Err(_) => self.make_blocked(i, State::Faulted),
             }
             return;

@@ -130,6 +130,9 @@ impl<M: Machine> Kernel<M> {
         }
         self.clear_deadline(i);
         self.make_blocked(i, State::Halted);
+        // From here on `i` is not live: a guest exit its death sends elsewhere
+        // (`redeliver`) must not find it again through a route.
+        self.threads[i].id = ThreadId::NIL;
         while let Some(s) = self.senders.pop_front(&mut self.threads[i].senders) {
             self.finish(s, Err(Error::SendNotExist));
         }

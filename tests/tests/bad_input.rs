@@ -113,6 +113,16 @@ fn too_many_words_for_init() {
 }
 
 #[test]
+fn fault_injection_is_only_for_hosted_guests() {
+    let k = image("minimal/bzImage");
+    fails_with(
+        &run_vmm_here(&["--kernel", &k, "--test-device-faults"]),
+        2,
+        "--hosted",
+    );
+}
+
+#[test]
 fn cpu_count_zero_or_beyond_kvm() {
     let k = image("minimal/bzImage");
     fails_with(&run_vmm_here(&["--kernel", &k, "--cpus", "0"]), 2, "--cpus");
@@ -313,6 +323,6 @@ fn hosted_mode_refuses_what_it_cannot_run_before_booting() {
     fails_with(
         &hosted(&["--memory", "128M", "--disk", d, "--disk", d, "--disk", d]),
         1,
-        "at most 119 MiB with 4 devices",
+        "at most 105 MiB with 4 devices",
     );
 }

@@ -104,6 +104,12 @@ struct Cli {
     #[arg(long, value_name = "cid=N,socket=PATH")]
     vsock: Option<VsockSpec>,
 
+    /// Test only, with --hosted: a guest write of 1, 2 or 3 to offset 0xf00 of a virtio
+    /// device's window makes its device task crash at its next queue notification
+    /// (before it, in the backend, after it), to test that VM0 restarts the task.
+    #[arg(long, requires = "hosted")]
+    test_device_faults: bool,
+
     /// Leave out the virtio-rng device (on by default; fed from the host's getrandom).
     #[arg(long)]
     no_rng: bool,
@@ -209,7 +215,7 @@ fn main() -> ExitCode {
     } else {
         validate(&cli).and_then(|cfg| {
             if cli.hosted {
-                vmm::mk::run_hosted(&cfg)
+                vmm::mk::run_hosted(&cfg, cli.test_device_faults)
             } else {
                 vm::run(&cfg)
             }

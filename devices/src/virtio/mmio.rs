@@ -61,6 +61,116 @@ const MAGIC: u32 = 0x7472_6976; // "virt"
 /// Our vendor ID: "RVMM" is not registered anywhere; Linux does not care.
 const VENDOR: u32 = 0x4d4d_5652;
 
+/// What the driver set up in a transport, enough for another instance of the device
+/// to carry on (a device task restarted after a fault): negotiation, status and queue
+/// configuration. Queue positions are not in it: `restore` reads them back from the
+/// used rings, which say what the guest was told.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Saved {
+    pub status: u32,
+    pub driver_features: u64,
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub queue_sel: u32,
+    pub config_generation: u32,
+    pub queues: Vec<SavedQueue>,
+}
+
+/// One queue's configuration in [`Saved`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SavedQueue {
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+}
+
+impl Saved {
+    /// First word of the encoding ("vsaved01").
+    const TAG: u64 = 0x7673_6176_6564_3031;
+    /// Words before the queues, and per queue.
+    const HEAD: usize = 6;
+    const PER_QUEUE: usize = 4;
+    /// The most queues an encoding may claim (more is corruption).
+    const MAX_QUEUES: usize = 64;
+
+    /// As words, for a page that outlives the device's instance: a tag, the length,
+    /// the fields, and a checksum last.
+    pub fn to_words(&self) -> Vec<u64> {
+        let mut w = alloc::vec![
+            Self::TAG,
+            (Self::HEAD + Self::PER_QUEUE * self.queues.len() + 1) as u64,
+            u64::from(self.status) | u64::from(self.config_generation) << 32,
+            self.driver_features,
+            u64::from(self.device_features_sel) | u64::from(self.driver_features_sel) << 32,
+            u64::from(self.queue_sel) | (self.queues.len() as u64) << 32,
+        ];
+        for q in &self.queues {
+            w.extend([
+                u64::from(q.size) | u64::from(q.ready) << 16,
+                q.desc_table,
+                q.avail_ring,
+                q.used_ring,
+            ]);
+        }
+        w.push(checksum(&w));
+        w
+    }
+
+    /// The inverse of `to_words`: None for anything else (never written, torn, stale).
+    pub fn from_words(w: &[u64]) -> Option<Saved> {
+        let (&tag, &len) = (w.first()?, w.get(1)?);
+        let len = usize::try_from(len)
+            .ok()
+            .filter(|&l| l > Self::HEAD && l <= w.len())?;
+        let nq = (w[5] >> 32) as usize;
+        if tag != Self::TAG
+            || nq > Self::MAX_QUEUES
+            || len != Self::HEAD + Self::PER_QUEUE * nq + 1
+            || checksum(&w[..len - 1]) != w[len - 1]
+        {
+            return None;
+        }
+        let queues = w[Self::HEAD..len - 1]
+            .chunks_exact(Self::PER_QUEUE)
+            .map(|q| SavedQueue {
+                size: q[0] as u16,
+                ready: q[0] >> 16 & 1 == 1,
+                desc_table: q[1],
+                avail_ring: q[2],
+                used_ring: q[3],
+            })
+            .collect();
+        Some(Saved {
+            status: w[2] as u32,
+            config_generation: (w[2] >> 32) as u32,
+            driver_features: w[3],
+            device_features_sel: w[4] as u32,
+            driver_features_sel: (w[4] >> 32) as u32,
+            queue_sel: w[5] as u32,
+            queues,
+        })
+    }
+}
+
+/// FNV-1a over the words' bytes.
+fn checksum(words: &[u64]) -> u64 {
+    words
+        .iter()
+        .flat_map(|w| w.to_le_bytes())
+        .fold(0xcbf2_9ce4_8422_2325, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        })
+}
+
+/// Why `restore` could not take a saved state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RestoreError {
+    #[error("the saved state has {saved} queues, this device {device}")]
+    Queues { saved: usize, device: usize },
+}
+
 /// A virtio device behind its mmio register window.
 pub struct MmioTransport<D, M> {
     device: D,
@@ -286,11 +396,89 @@ impl<D: VirtioDevice, M: GuestMemory> MmioTransport<D, M> {
         self.isr.store(0, Ordering::SeqCst);
     }
 
+    /// The device cannot go on (e.g. a restarted instance found no state to carry on
+    /// from): set `DEVICE_NEEDS_RESET` and raise the configuration interrupt, which is
+    /// all virtio gives a device to ask the driver for a reset.
+    pub fn fail(&mut self) {
+        self.needs_reset();
+    }
+
     fn needs_reset(&mut self) {
         self.status |= status::NEEDS_RESET;
         self.config_generation = self.config_generation.wrapping_add(1);
         self.isr.fetch_or(INT_CONFIG, Ordering::SeqCst);
         self.interrupt.trigger();
+    }
+
+    /// The driver-visible setup, for another instance to `restore`.
+    pub fn save(&self) -> Saved {
+        Saved {
+            status: self.status,
+            driver_features: self.driver_features,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            queue_sel: self.queue_sel,
+            config_generation: self.config_generation,
+            queues: self
+                .queues
+                .iter()
+                .map(|q| SavedQueue {
+                    size: q.size,
+                    ready: q.ready,
+                    desc_table: q.desc_table,
+                    avail_ring: q.avail_ring,
+                    used_ring: q.used_ring,
+                })
+                .collect(),
+        }
+    }
+
+    /// Carry on where another instance of this device left off (it died: a device task
+    /// that faulted). A fresh transport takes the driver's setup from `saved`; if the
+    /// driver had the device running, the queues resume where their used rings say
+    /// (`Queue::resume`: a chain the old instance took but never gave back is taken
+    /// again), the device is activated with the negotiated features, and a used-ring
+    /// interrupt is raised, since the old instance may have used buffers and died
+    /// before it told the guest. A setup that no longer validates means
+    /// `DEVICE_NEEDS_RESET`, as it would have at `DRIVER_OK`.
+    pub fn restore(&mut self, saved: &Saved) -> Result<(), RestoreError> {
+        if saved.queues.len() != self.queues.len() {
+            return Err(RestoreError::Queues {
+                saved: saved.queues.len(),
+                device: self.queues.len(),
+            });
+        }
+        self.status = saved.status;
+        self.driver_features = saved.driver_features;
+        self.device_features_sel = saved.device_features_sel;
+        self.driver_features_sel = saved.driver_features_sel;
+        self.queue_sel = saved.queue_sel;
+        self.config_generation = saved.config_generation;
+        for (q, s) in self.queues.iter_mut().zip(&saved.queues) {
+            q.size = s.size;
+            q.ready = s.ready;
+            q.desc_table = s.desc_table;
+            q.avail_ring = s.avail_ring;
+            q.used_ring = s.used_ring;
+        }
+        if !self.is_active() {
+            return Ok(());
+        }
+        let event_idx = self.driver_features & RING_EVENT_IDX != 0;
+        let mem: &dyn GuestMemory = &self.mem;
+        let mut valid = true;
+        for q in self.queues.iter_mut().filter(|q| q.ready) {
+            q.set_event_idx(event_idx);
+            valid &= q.validate(mem).is_ok() && q.resume(mem).is_ok();
+        }
+        if !valid {
+            self.needs_reset();
+            return Ok(());
+        }
+        self.device.activate(self.driver_features);
+        self.isr.fetch_or(INT_USED_RING, Ordering::SeqCst);
+        self.interrupt.trigger();
+        Ok(())
     }
 
     /// The driver kicked queue `index` (an ioeventfd fired, or a `QueueNotify` write).
@@ -489,6 +677,87 @@ mod tests {
         // Status bits cannot be taken away except by reset.
         w(&mut t, reg::STATUS, status::ACKNOWLEDGE);
         assert!(t.is_active());
+    }
+
+    #[test]
+    fn a_new_instance_carries_on_from_the_saved_setup_and_the_used_ring() {
+        let (mut t, irqs) = transport();
+        let mut dq = DriverQueue::new(16, 0x1000);
+        bring_up(&mut t, &dq, 1 | (RING_EVENT_IDX >> 32) as u32);
+        for _ in 0..3 {
+            dq.add(&t.mem, &[(0x8000, 8, true)]);
+            w(&mut t, reg::QUEUE_NOTIFY, 0);
+        }
+        assert_eq!(dq.used(&t.mem).len(), 3);
+        let words = t.save().to_words();
+        // the driver adds two chains; the old instance dies after taking the first
+        dq.add(&t.mem, &[(0x8000, 4, true)]);
+        dq.add(&t.mem, &[(0x8100, 4, true)]);
+        assert!(t.queues[0].pop(&t.mem).unwrap().is_some());
+        let (mut new, new_irqs) = transport();
+        new.mem = t.mem.clone();
+        new.restore(&Saved::from_words(&words).expect("saved"))
+            .unwrap();
+        assert_eq!(new.save(), t.save());
+        assert!(new.is_active());
+        assert_eq!(
+            r(&new, reg::INTERRUPT_STATUS),
+            INT_USED_RING,
+            "owed interrupt"
+        );
+        assert_eq!(new_irqs.load(Ordering::SeqCst), 1);
+        // the next kick serves both chains, the one the old instance took included
+        w(&mut new, reg::QUEUE_NOTIFY, 0);
+        assert_eq!(dq.used(&new.mem), [(3, 4), (4, 4)]);
+        assert_eq!(irqs.load(Ordering::SeqCst), 3);
+        // a setup that was never finished stays unfinished; one that no longer fits
+        // the device fails; a ring the driver moved out of memory means reset
+        let (mut half, _) = transport();
+        w(&mut half, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
+        let saved = half.save();
+        let (mut again, _) = transport();
+        again.restore(&saved).unwrap();
+        assert_eq!((again.save(), again.is_active()), (saved, false));
+        let mut wrong = t.save();
+        wrong.queues.push(SavedQueue::default());
+        assert_eq!(
+            again.restore(&wrong),
+            Err(RestoreError::Queues {
+                saved: 2,
+                device: 1
+            })
+        );
+        let mut gone = t.save();
+        gone.queues[0].used_ring = 1 << 40;
+        let (mut third, _) = transport();
+        third.restore(&gone).unwrap();
+        assert_ne!(r(&third, reg::STATUS) & status::NEEDS_RESET, 0);
+    }
+
+    #[test]
+    fn saved_words_are_checked() {
+        let (mut t, _) = transport();
+        bring_up(&mut t, &DriverQueue::new(16, 0x1000), 1);
+        let words = t.save().to_words();
+        assert_eq!(Saved::from_words(&words), Some(t.save()));
+        let mut longer = words.clone();
+        longer.push(7);
+        assert_eq!(
+            Saved::from_words(&longer),
+            Some(t.save()),
+            "a page holds more"
+        );
+        for i in 0..words.len() {
+            let mut bad = words.clone();
+            bad[i] ^= 1 << 9;
+            assert_eq!(Saved::from_words(&bad), None, "word {i} flipped");
+        }
+        assert_eq!(Saved::from_words(&words[..words.len() - 1]), None);
+        assert_eq!(Saved::from_words(&[0; 512]), None, "a fresh page");
+        assert_eq!(Saved::from_words(&[]), None);
+        let mut huge = words.clone();
+        huge[1] = u64::MAX;
+        assert_eq!(Saved::from_words(&huge), None);
     }
 
     #[test]

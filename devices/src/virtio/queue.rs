@@ -279,6 +279,20 @@ impl Queue {
         *self = Queue::new(self.max_size);
     }
 
+    /// Carry on with a queue another instance of the device ran (a restarted device
+    /// task): the used ring's index, which only the device writes, says how many chains
+    /// it gave back, and a device that gives back every chain it takes, in order, before
+    /// it returns (blk, net, rng; not vsock, which holds receive buffers) has taken
+    /// exactly those. A chain it took and died on is taken again. A used index the
+    /// driver scribbled over surfaces as an error at the next `pop`.
+    pub fn resume(&mut self, mem: &dyn GuestMemory) -> Result<(), QueueError> {
+        let used = mem.load_u16(self.used_ring + 2)?;
+        self.next_avail = used;
+        self.next_used = used;
+        self.signalled_used = None;
+        Ok(())
+    }
+
     /// Whether `VIRTIO_F_EVENT_IDX` was negotiated.
     pub fn set_event_idx(&mut self, on: bool) {
         self.event_idx = on;

@@ -24,8 +24,8 @@ pub static KERNEL_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/mk-kern
 pub static ROOT_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/mktest.elf"));
 
 /// VM0's RAM: the kernel (about 58 MiB with its 56 MiB heap, which holds the mapping
-/// database: a hosted guest's RAM is three mappings per page and one more per device
-/// task), 4 MiB of page-table
+/// database: a hosted guest's RAM is three mappings per page, one more per device
+/// task and one for a device task being restarted), 4 MiB of page-table
 /// frames, and the root task's pool (the rest, about 9 MiB; the test tasks use a few
 /// hundred KiB). A hosted guest's RAM is added to this. Small on purpose: the kernel
 /// maps the pool page by page at boot, which takes about 2 s per 1,000 pages on
@@ -51,8 +51,9 @@ pub enum Mode {
     /// natively, then hosted.
     BenchExit(u32),
     /// Hosted mode: a guest server runs a Linux guest with `mib` MiB of RAM and
-    /// `devices` virtio devices (device tasks in VM0).
-    Hosted { mib: u64, devices: u64 },
+    /// `devices` virtio devices (device tasks in VM0); `faults`: the guest may crash a
+    /// device task on purpose (`--test-device-faults`).
+    Hosted { mib: u64, devices: u64, faults: bool },
 }
 
 impl Mode {
@@ -63,7 +64,9 @@ impl Mode {
             Mode::Selftest => mode::SELFTEST,
             Mode::BenchIpc => mode::BENCH,
             Mode::BenchExit(_) => mode::BENCH_EXIT,
-            Mode::Hosted { mib, devices } => mode::word(mode::HOSTED, mode::hosted(mib, devices)),
+            Mode::Hosted { mib, devices, .. } => {
+                mode::word(mode::HOSTED, mode::hosted(mib, devices))
+            }
         }
     }
 }

@@ -33,12 +33,16 @@ pub fn run(mode: Mode) -> Result<Outcome, VmmError> {
 /// device of VM0 (the same code as native mode, with its backend: a file, a tap, the
 /// host's entropy), and a device task in VM0 drives it as the backend of the guest's device
 /// with the same window and interrupt line in the guest VM.
-pub fn run_hosted(cfg: &VmConfig) -> Result<Outcome, VmmError> {
+///
+/// `faults` (test only, `--test-device-faults`): the guest may make a device task crash
+/// through a register of its device's window, to test that VM0 restarts it.
+pub fn run_hosted(cfg: &VmConfig, faults: bool) -> Result<Outcome, VmmError> {
     let prepared = crate::virtio::prepare(&cfg.devices)?;
     check_mappings(cfg.mem_size, prepared.len() as u64)?;
     let mode = Mode::Hosted {
         mib: cfg.mem_size >> 20,
         devices: prepared.len() as u64,
+        faults,
     };
     // the device windows are filled in once VM0's devices are attached
     let firmware = Firmware::Linux(Box::new(cfg.clone()), Vec::new());
@@ -46,7 +50,8 @@ pub fn run_hosted(cfg: &VmConfig) -> Result<Outcome, VmmError> {
 }
 
 /// Refuse a hosted guest the microkernel cannot map: every page of its RAM is mapped by
-/// the root, the guest server, each device task and the guest itself, and the root
+/// the root, the guest server, each device task and the guest itself, once more while a
+/// faulted device task is being replaced (old and new task both map it), and the root
 /// owns every page of VM0's RAM besides.
 fn check_mappings(mem: u64, devices: u64) -> Result<(), VmmError> {
     let most = microkernel::bootinfo::layout::MAX_DEVICES;
@@ -56,13 +61,14 @@ fn check_mappings(mem: u64, devices: u64) -> Result<(), VmmError> {
         )));
     }
     let pages = mem >> 12;
-    let need = pages * (3 + devices) + ((VM0_MEMORY + mem) >> 12);
+    let need = pages * (4 + devices) + ((VM0_MEMORY + mem) >> 12);
     let limit = microkernel::bootinfo::MAPPINGS;
     if need > limit {
-        let fits = ((limit - (VM0_MEMORY >> 12)) / (4 + devices)) >> 8;
+        let fits = ((limit - (VM0_MEMORY >> 12)) / (5 + devices)) >> 8;
         return Err(VmmError::Config(format!(
             "--memory {} MiB with {devices} virtio devices is too big for --hosted: the microkernel maps \
-             each guest page once per device task besides the root, guest server and guest \
+             each guest page once per device task (and one being restarted) besides the root, \
+             guest server and guest \
              ({need} mappings of {limit}); at most {fits} MiB with {devices} devices",
             mem >> 20
         )));
@@ -101,11 +107,14 @@ fn boot_vm0(
     };
     // kvm-pvm does not enter ring 0 on SYSCALL for a guest that is not PVM-aware:
     // tasks use the software-interrupt entry there.
-    let flags = if quirks {
+    let mut flags = if quirks {
         microkernel::bootinfo::flags::INT_SYSCALL
     } else {
         0
     };
+    if let Mode::Hosted { faults: true, .. } = mode {
+        flags |= microkernel::bootinfo::flags::DEVICE_FAULTS;
+    }
     let entry = boot::load(&mem, vm0_memory, mode.raw(), flags, ndevices)?;
 
     let (supported, masks) = crate::vm::supported_cpuid(&kvm, quirks)?;

@@ -18,12 +18,20 @@
 //! `DEVICE_IRQ_BASE + i` in the reply. What arrives while the guest runs (a frame
 //! from VM0's network device, announced by its interrupt) is moved into the guest's
 //! receive queue by the task, which raises the guest's pin with `guest_interrupt`.
+//!
+//! A device task can die (a fault nobody resolves) and be restarted by the root
+//! (`hosted`): the driver's setup of the transport (`MmioTransport::save`) lives in a
+//! state page the root keeps and maps into each instance; a restarted instance
+//! restores it, its queues carry on where their used rings say, and the guest exit the
+//! old instance died on reaches the new one (the kernel re-raises an unanswered exit
+//! whose handler is deleted). With `vmm --test-device-faults` the guest can make the
+//! task crash on purpose, through register `FAULT_REG` of the device's window.
 
 use alloc::boxed::Box;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use devices::virtio::blk::{BackendError, Block, BlockBackend, SECTOR_SIZE};
-use devices::virtio::mmio::MmioTransport;
+use devices::virtio::mmio::{MmioTransport, Saved};
 use devices::virtio::net::{self, Net, NetBackend, NetError};
 use devices::virtio::rng::{EntropyError, EntropySource, Rng};
 use devices::virtio::{device_type, GuestMemory, Interrupt, VirtioDevice};
@@ -42,6 +50,8 @@ pub const WINDOW_LOG2: u8 = 29;
 pub const MAX_RAM: u64 = 0x1000_0000;
 /// VM0's device registers.
 pub const REGS_AT: u64 = 0x1000_0000;
+/// The state page: the transport's saved setup, kept by the root across restarts.
+pub const STATE_AT: u64 = 0x1001_0000;
 /// The DMA buffer: `2^DMA_LOG2` bytes.
 pub const DMA_AT: u64 = 0x1010_0000;
 pub const DMA_LOG2: u8 = 17;
@@ -49,6 +59,46 @@ pub const DMA_LOG2: u8 = 17;
 /// queue notifications among them, requests to VM0's device, interrupts raised with
 /// `guest_interrupt`).
 pub const STATS: u64 = 0x57a7;
+
+/// Boot message flags (word 5).
+pub mod boot {
+    /// A restart: carry on from the state page.
+    pub const RESTARTED: u64 = 1;
+    /// Honour `FAULT_REG` (`vmm --test-device-faults`).
+    pub const FAULTS: u64 = 2;
+}
+
+/// Test-only register in the device's window (past any device's configuration space):
+/// a write of a `point` arms a crash there; without `boot::FAULTS` it is ignored.
+pub const FAULT_REG: u64 = 0xf00;
+
+/// Where an armed crash happens: in the handling of the next queue notification ...
+pub mod point {
+    /// ... before the model sees it (the new instance gets the same notification);
+    pub const BEFORE: u64 = 1;
+    /// ... in the backend, after VM0's device did a request (the new instance does it
+    /// again: the guest was not told it was done);
+    pub const BACKEND: u64 = 2;
+    /// ... after the model used the buffers, before the exit is answered (the guest
+    /// was not interrupted: the new instance owes it the interrupt).
+    pub const AFTER: u64 = 3;
+}
+
+/// The armed crash point, 0 for none.
+static ARMED: AtomicU64 = AtomicU64::new(0);
+
+/// Crash here if `at` is armed: the test-only fault, a read of an address nothing maps.
+fn crash_if(at: u64) {
+    if ARMED.load(Ordering::Relaxed) == at {
+        println!("device task: injected fault at point {at}");
+        // SAFETY: none: a deliberate read of an unmapped address, the fault the root's
+        // pager cannot resolve and reports to the supervisor (the test-only crash).
+        unsafe { core::ptr::read_volatile(UNMAPPED as *const u64) };
+    }
+}
+
+/// Inside the task's window, where the root maps nothing.
+const UNMAPPED: u64 = WINDOW + 0x1ff0_0000;
 
 /// The task's report to the root after setting up (word 0).
 pub mod ready {
@@ -103,6 +153,7 @@ impl Vm0Disk {
         let chain: &[_] = if len == 0 { &[bufs[0], bufs[2]] } else { &bufs };
         REQUESTS.fetch_add(1, Ordering::Relaxed);
         let used = self.drv.run(chain).map_err(|_| BackendError::Io)?;
+        crash_if(point::BACKEND);
         let mut status = [0xffu8];
         let at = self.drv.phys(vdriver::STATUS);
         self.drv.dma().read(at, &mut status).map_err(|_| BackendError::Io)?;
@@ -171,6 +222,7 @@ impl EntropySource for Vm0Entropy {
             let want = (buf.len() - done).min(vdriver::DATA_LEN) as u32;
             REQUESTS.fetch_add(1, Ordering::Relaxed);
             let n = self.0.run(&[(vdriver::DATA, want, true)]).map_err(|_| EntropyError)?;
+            crash_if(point::BACKEND);
             let n = (n.min(want) as usize).min(buf.len() - done);
             if n == 0 {
                 return Err(EntropyError);
@@ -251,7 +303,9 @@ impl NetBackend for Vm0Net {
         self.drv.dma().write(at, frame).map_err(|_| NetError::Io(EIO))?;
         REQUESTS.fetch_add(1, Ordering::Relaxed);
         let buf = (Self::TX_AT, frame.len() as u32, false);
-        self.drv.run_on(Self::TX, &[buf]).map(|_| ()).map_err(|_| NetError::Io(EIO))
+        self.drv.run_on(Self::TX, &[buf]).map_err(|_| NetError::Io(EIO))?;
+        crash_if(point::BACKEND);
+        Ok(())
     }
 
     fn recv(&mut self, buf: &mut [u8]) -> Result<Option<usize>, NetError> {
@@ -279,24 +333,28 @@ impl NetBackend for Vm0Net {
     }
 }
 
-/// The task. Boot message: `[index, VM0 line, guest pin, RAM bytes, DMA physical]`.
+/// The task. Boot message: `[index, VM0 line, guest pin, RAM bytes, DMA physical,
+/// boot flags]`.
 pub extern "C" fn task() -> ! {
     let window = Fpage::new(WINDOW, WINDOW_LOG2, Rights::ALL).expect("aligned window");
-    let (root, boot) = booted_with(window);
-    let [index, line, pin, ram, dma_phys] = [0, 1, 2, 3, 4].map(|i| boot.word(i));
+    let (root, boot_msg) = booted_with(window);
+    let [index, line, pin, ram, dma_phys, flags] = [0, 1, 2, 3, 4, 5].map(|i| boot_msg.word(i));
     if ram > MAX_RAM {
         report(root, &[ready::NO_DEVICE, 0]);
         park()
     }
     // SAFETY: the root mapped these parts of the window before the boot message:
-    // the register page, the DMA run and the guest's RAM; nothing else refers to them.
-    let (regs, dma, mem) = unsafe {
+    // the register page, the state page, the DMA run and the guest's RAM; nothing
+    // else in this task refers to them.
+    let (regs, state, dma, mem) = unsafe {
         (
             Regs::at(WINDOW + REGS_AT),
+            Window::new(WINDOW + STATE_AT, 4096, 0),
             Window::new(WINDOW + DMA_AT, 1 << DMA_LOG2, dma_phys),
             Window::new(WINDOW, ram, 0),
         )
     };
+    let how = Serve { index, base: 0, pin, state, flags };
     // what to ask of VM0's device and how many queues it has, by its type (read before
     // the driver resets it): a network interface two, the others one
     let (accept, queues) = match regs.read32(devices::virtio::mmio::reg::DEVICE_ID) {
@@ -311,7 +369,7 @@ pub extern "C" fn task() -> ! {
             park()
         }
     };
-    let base = mkrt::bootinfo::layout::DEVICE_PHYS + index * 4096;
+    let how = Serve { base: mkrt::bootinfo::layout::DEVICE_PHYS + index * 4096, ..how };
     let vm0 = drv.irq();
     match drv.device_id {
         device_type::BLOCK => {
@@ -322,7 +380,7 @@ pub extern "C" fn task() -> ! {
             let len = id.iter().position(|&b| b == 0).unwrap_or(id.len());
             let model = Block::new(disk, read_only, &id[..len]);
             report(root, &[ready::OK, device_type::BLOCK.into()]);
-            serve(MmioTransport::new(model, mem, Box::new(Raise)), base, pin, vm0)
+            serve(MmioTransport::new(model, mem, Box::new(Raise)), how, vm0)
         }
         device_type::NET => {
             let Ok(wire) = Vm0Net::new(drv) else {
@@ -333,17 +391,50 @@ pub extern "C" fn task() -> ! {
             let mac = wire.mac();
             let model = Net::new(wire, mac);
             report(root, &[ready::OK, device_type::NET.into()]);
-            serve(MmioTransport::new(model, mem, Box::new(Raise)), base, pin, vm0)
+            serve(MmioTransport::new(model, mem, Box::new(Raise)), how, vm0)
         }
         device_type::RNG => {
             let model = Rng::new(Vm0Entropy(drv));
             report(root, &[ready::OK, device_type::RNG.into()]);
-            serve(MmioTransport::new(model, mem, Box::new(Raise)), base, pin, vm0)
+            serve(MmioTransport::new(model, mem, Box::new(Raise)), how, vm0)
         }
         other => {
             println!("device task {index}: VM0 device type {other} has no device task");
             report(root, &[ready::UNSUPPORTED, other.into()]);
             park()
+        }
+    }
+}
+
+/// What `serve` needs besides the transport.
+struct Serve {
+    index: u64,
+    /// Guest-physical address of the device's window.
+    base: u64,
+    /// The guest's IOAPIC pin for the device.
+    pin: u64,
+    /// The state page.
+    state: Window,
+    /// Boot flags (`boot::*`).
+    flags: u64,
+}
+
+impl Serve {
+    /// The saved setup in the state page, if there is a valid one.
+    fn load(&self) -> Option<Saved> {
+        let mut words = [0u64; 512];
+        let mut bytes = [0u8; 8];
+        for (i, w) in words.iter_mut().enumerate() {
+            self.state.read(8 * i as u64, &mut bytes).ok()?;
+            *w = u64::from_le_bytes(bytes);
+        }
+        Saved::from_words(&words)
+    }
+
+    /// Keep `saved` in the state page (one page holds any device's).
+    fn store(&self, saved: &Saved) {
+        for (i, w) in saved.to_words().iter().take(512).enumerate() {
+            let _ = self.state.write(8 * i as u64, &w.to_le_bytes());
         }
     }
 }
@@ -357,12 +448,24 @@ pub extern "C" fn task() -> ! {
 /// the guest's interrupt, raise it now with `guest_interrupt` (there is no exit to
 /// answer). After a queue notification the model is asked again too: a transmit may
 /// have consumed VM0's interrupt that announced a received frame.
-fn serve<D: VirtioDevice, M: GuestMemory>(
-    mut t: MmioTransport<D, M>,
-    base: u64,
-    pin: u64,
-    vm0: Irq,
-) -> ! {
+fn serve<D: VirtioDevice, M: GuestMemory>(mut t: MmioTransport<D, M>, how: Serve, vm0: Irq) -> ! {
+    let (base, pin) = (how.base, how.pin);
+    if how.flags & boot::RESTARTED != 0 {
+        // carry on; with no valid state the driver is told to reset the device
+        match how.load().map(|s| t.restore(&s)) {
+            Some(Ok(())) => println!("device task {}: restarted, setup restored", how.index),
+            Some(Err(e)) => {
+                println!("device task {}: restarted, state unusable: {e}", how.index);
+                t.fail();
+            }
+            None => {
+                println!("device task {}: restarted, no saved state", how.index);
+                t.fail();
+            }
+        }
+    }
+    let mut saved = t.save();
+    how.store(&saved);
     let (mut from, mut m) = wait();
     let (mut exits, mut notifies, mut interrupts) = (0u64, 0u64, 0u64);
     let mut vcpu = None;
@@ -370,10 +473,10 @@ fn serve<D: VirtioDevice, M: GuestMemory>(
         if m.label() == label::INTERRUPT && from == ThreadId::irq(vm0.line) {
             vm0.acknowledge();
             t.backend_ready();
-            if RAISED.swap(false, Ordering::SeqCst) {
-                if let Some(v) = vcpu {
-                    interrupts += u64::from(sys::guest_interrupt(v, 1 << pin).is_ok());
-                }
+            // before the first exit the vCPU is unknown: the interrupt stays owed and
+            // goes with the first reply (a restarted task owes one from the start)
+            if let Some(v) = vcpu.filter(|_| RAISED.swap(false, Ordering::SeqCst)) {
+                interrupts += u64::from(sys::guest_interrupt(v, 1 << pin).is_ok());
             }
             (from, m) = wait();
             continue;
@@ -399,16 +502,32 @@ fn serve<D: VirtioDevice, M: GuestMemory>(
                 t.read(offset, &mut b[..size]);
                 u64::from_le_bytes(b)
             }
+            guest::MMIO_WRITE if offset == FAULT_REG && how.flags & boot::FAULTS != 0 => {
+                println!("device task {}: crash armed at point {}", how.index, m.word(2));
+                ARMED.store(m.word(2), Ordering::Relaxed);
+                0
+            }
             guest::MMIO_WRITE if offset < 4096 => {
+                let notify = offset == devices::virtio::mmio::reg::QUEUE_NOTIFY;
+                if notify {
+                    crash_if(point::BEFORE);
+                }
                 t.write(offset, &m.word(2).to_le_bytes()[..size]);
-                if offset == devices::virtio::mmio::reg::QUEUE_NOTIFY {
+                if notify {
                     notifies += 1;
                     t.backend_ready();
+                    crash_if(point::AFTER);
                 }
                 0
             }
             _ => u64::MAX,
         };
+        // keep the driver's setup where a restarted instance finds it
+        let now = t.save();
+        if now != saved {
+            how.store(&now);
+            saved = now;
+        }
         let pulse = if RAISED.swap(false, Ordering::SeqCst) { 1 << pin } else { 0 };
         let mut reply = Msg::new(0, &[value, pulse]);
         (from, m) = match reply_wait(from, &mut reply) {

@@ -23,7 +23,17 @@
 //!
 //! When the guest powers off, resets, panics or its vCPU stops, the server reports to
 //! the root, which ends VM0 with the guest's status.
+//!
+//! The root supervises the device tasks. A fault the root's pager cannot resolve in a
+//! device task (a bug, or the test-only crash of `vmm --test-device-faults`) is
+//! reported to the root, which restarts the device: it starts a new task for it with
+//! the same state page, DMA buffer and interrupt line, has the server route the
+//! device's window to the new task, and only then deletes the old one. The guest exit
+//! the old task died on is not lost: the kernel raises an unanswered exit again when its
+//! handler is deleted, and the route now leads to the new task, which carries on from
+//! the state page (`device`). The guest sees one slow MMIO access.
 
+use core::sync::atomic::{AtomicU64, Ordering};
 use devices::platform::{AcpiPm, ExitPort, I8042Reset, PvPanic};
 use devices::uart::Uart16550;
 use devices::{GuestEvent, PioDevice};
@@ -31,7 +41,8 @@ use mkrt::abi::{
     guest, guest_route, irq_control, label, task_new, Fpage, Rights, ThreadId, Timeout,
 };
 use mkrt::bootinfo::layout;
-use mkrt::msg::{receive, reply_wait, send, Msg};
+
+use mkrt::msg::{receive, reply_wait, send, Msg, NO_WINDOW};
 use mkrt::{port, println, sys};
 
 use crate::{booted_with, device, park, report, Root, POOL};
@@ -43,6 +54,38 @@ const WINDOW_LOG2: u8 = 29;
 const MAPPED: u64 = 0x4a3;
 /// The most guest RAM the window holds.
 pub const MAX_RAM: u64 = 1 << WINDOW_LOG2;
+/// Label of the root's request to the server: route device `i`'s window to thread `t`
+/// (words `i`, `t`); the reply's word 0 is 0 or the `guest_route` error.
+const REROUTE: u64 = 0x4e40;
+/// Label of the pager's notice to the root that a device task faulted.
+const FAULTED_NOTICE: u64 = 0xfa17;
+/// How often the root looks for faulted device tasks besides the pager's notices
+/// (which it misses while busy): 10 ms ticks.
+const SUPERVISE_TICKS: u32 = 50;
+/// A device that faults this often is not restarted again.
+const MAX_RESTARTS: u32 = 16;
+
+/// The root's main thread (raw id), for the pager's notices.
+static ROOT: AtomicU64 = AtomicU64::new(0);
+/// The thread (raw id) of each device task the root supervises, 0 for none.
+static SUPERVISED: [AtomicU64; layout::MAX_DEVICES as usize] =
+    [const { AtomicU64::new(0) }; layout::MAX_DEVICES as usize];
+/// Per device: the thread (raw id) that faulted, until the root has restarted it.
+static FAULTED: [AtomicU64; layout::MAX_DEVICES as usize] =
+    [const { AtomicU64::new(0) }; layout::MAX_DEVICES as usize];
+
+/// The pager could not resolve a fault of `t`: if `t` is a supervised device task,
+/// note it for the root and tell the root (if it waits); true if so. The task stays
+/// blocked in its fault until the root deletes it.
+pub fn faulted(t: ThreadId) -> bool {
+    let Some(i) = SUPERVISED.iter().position(|s| s.load(Ordering::SeqCst) == t.raw()) else {
+        return false;
+    };
+    FAULTED[i].store(t.raw(), Ordering::SeqCst);
+    let root = ThreadId(ROOT.load(Ordering::SeqCst) as u32);
+    let _ = send(root, &mut Msg::new(FAULTED_NOTICE, &[i as u64]), Timeout::ZERO);
+    true
+}
 
 const COM1: u64 = 0x3f8;
 const COM1_PIN: u32 = 4;
@@ -197,9 +240,22 @@ extern "C" fn server() -> ! {
     };
     let mut n = Counts::default();
     let how = loop {
+        if from == root && m.label() == REROUTE {
+            // a restarted device task takes over the device's window
+            let (i, task) = (m.word(0), ThreadId(m.word(1) as u32));
+            let base = layout::DEVICE_PHYS + 4096 * i;
+            let moved = sys::guest_route(vcpu, guest_route::MMIO, base, 4096, ThreadId::NIL)
+                .and_then(|()| sys::guest_route(vcpu, guest_route::MMIO, base, 4096, task));
+            let mut reply = Msg::new(REROUTE, &[moved.err().unwrap_or(0)]);
+            (from, m) = match reply_wait(root, &mut reply) {
+                Ok(f) => (f, reply),
+                Err(_) => break end::STOPPED,
+            };
+            continue;
+        }
         if from != vcpu || m.label() != label::GUEST_EXIT {
-            // only the vCPU talks to the server: anyone else is ignored
-            (from, m) = match receive(vcpu, Timeout::NEVER, mkrt::msg::NO_WINDOW) {
+            // only the vCPU and the root talk to the server: anyone else is ignored
+            (from, m) = match receive(ThreadId::ANY, Timeout::NEVER, NO_WINDOW) {
                 Ok(x) => x,
                 Err(_) => break end::STOPPED,
             };
@@ -300,33 +356,123 @@ fn give_ram(t: ThreadId, base: u64, size: u64) -> Result<(), u64> {
     Ok(())
 }
 
-/// Start device task `i` for VM0's device `i`: guest RAM, the device's registers, a
-/// DMA buffer, the device's interrupt; returns its thread once it is ready.
-fn start_device(root: &Root, i: u64, ram: (u64, u64), pool_phys: u64) -> Result<ThreadId, ()> {
-    let fail = |what: &str, e: u64| println!("root: device task {i}: {what}: error {e}");
-    let t = root.spawn(device::task, 0).map_err(|e| fail("cannot start it", e))?;
-    give_ram(t, ram.0, ram.1).map_err(|e| fail("guest RAM not taken", e))?;
-    let regs = Fpage::new(layout::DEVICES + 4096 * i, 12, Rights::RW).expect("page");
-    give(t, regs, device::REGS_AT).map_err(|e| fail("registers not taken", e))?;
-    let dma = POOL.run(device::DMA_LOG2.into()).ok_or_else(|| fail("no DMA memory", 0))?;
-    let dma_page = Fpage::new(dma, device::DMA_LOG2, Rights::RW).expect("aligned run");
-    give(t, dma_page, device::DMA_AT).map_err(|e| fail("DMA buffer not taken", e))?;
-    let line = u64::from(layout::DEVICE_IRQ_BASE) + i;
-    sys::irq_control(irq_control::ATTACH, line, t).map_err(|e| fail("interrupt", e))?;
-    let phys = dma - layout::POOL_BASE + pool_phys;
-    root.tell(t, &[i, line, line, ram.1, phys]).map_err(|e| fail("no boot message", e))?;
-    let m = root.expect(t, 3000).map_err(|e| fail("no report", e))?;
-    if m.word(0) != device::ready::OK {
-        println!("root: device task {i}: {}", device::why(m.word(0)));
-        return Err(());
+/// A guest device as the root keeps it: what outlives its device task.
+struct Device {
+    i: u64,
+    /// The current task's thread.
+    thread: ThreadId,
+    /// The DMA run (root address) and the state page (root address).
+    dma: u64,
+    state: u64,
+    restarts: u32,
+}
+
+impl Device {
+    /// Device `i`'s memory from the pool (the state page zeroed: no saved setup yet).
+    fn new(i: u64) -> Option<Device> {
+        let dma = POOL.run(device::DMA_LOG2.into())?;
+        let state = POOL.page()?;
+        // SAFETY: a whole page of the root's pool, mapped in the root, used by no one yet.
+        unsafe { core::ptr::write_bytes(state as *mut u8, 0, 4096) };
+        Some(Device { i, thread: ThreadId::NIL, dma, state, restarts: 0 })
     }
-    Ok(t)
+
+    /// Start a task for the device: guest RAM, the device's registers, its state page,
+    /// the DMA buffer, the device's interrupt; returns its thread once it is ready.
+    fn start(
+        &self,
+        root: &Root,
+        ram: (u64, u64),
+        pool_phys: u64,
+        flags: u64,
+    ) -> Result<ThreadId, ()> {
+        let i = self.i;
+        let fail = |what: &str, e: u64| println!("root: device task {i}: {what}: error {e}");
+        let t = root.spawn(device::task, 0).map_err(|e| fail("cannot start it", e))?;
+        let given = || -> Result<(), ()> {
+            give_ram(t, ram.0, ram.1).map_err(|e| fail("guest RAM not taken", e))?;
+            let regs = Fpage::new(layout::DEVICES + 4096 * i, 12, Rights::RW).expect("page");
+            give(t, regs, device::REGS_AT).map_err(|e| fail("registers not taken", e))?;
+            let state = Fpage::new(self.state, 12, Rights::RW).expect("page");
+            give(t, state, device::STATE_AT).map_err(|e| fail("state page not taken", e))?;
+            let dma = Fpage::new(self.dma, device::DMA_LOG2, Rights::RW).expect("aligned run");
+            give(t, dma, device::DMA_AT).map_err(|e| fail("DMA buffer not taken", e))?;
+            let line = u64::from(layout::DEVICE_IRQ_BASE) + i;
+            sys::irq_control(irq_control::ATTACH, line, t).map_err(|e| fail("interrupt", e))?;
+            let phys = self.dma - layout::POOL_BASE + pool_phys;
+            let boot = [i, line, line, ram.1, phys, flags];
+            root.tell(t, &boot).map_err(|e| fail("no boot message", e))?;
+            let m = root.expect(t, 3000).map_err(|e| fail("no report", e))?;
+            if m.word(0) != device::ready::OK {
+                println!("root: device task {i}: {}", device::why(m.word(0)));
+                return Err(());
+            }
+            Ok(())
+        };
+        match given() {
+            Ok(()) => Ok(t),
+            Err(()) => {
+                root.kill(t);
+                Err(())
+            }
+        }
+    }
+
+    /// The device's task faulted: start a new one, have the server route the device's
+    /// window to it, then delete the old task (whose unanswered exit, if any, the kernel
+    /// raises again: it reaches the new task). Err: the device stays dead.
+    fn restart(
+        &mut self,
+        root: &Root,
+        server: ThreadId,
+        ram: (u64, u64),
+        pool_phys: u64,
+        flags: u64,
+    ) -> Result<(), ()> {
+        let (i, old) = (self.i, self.thread);
+        self.restarts += 1;
+        if self.restarts > MAX_RESTARTS {
+            println!("root: device task {i} faulted {MAX_RESTARTS} times; not restarting it");
+            return Err(());
+        }
+        let line = u64::from(layout::DEVICE_IRQ_BASE) + i;
+        let _ = sys::irq_control(irq_control::DETACH, line, ThreadId::NIL);
+        let new = self.start(root, ram, pool_phys, flags | device::boot::RESTARTED)?;
+        let mut m = Msg::new(REROUTE, &[i, new.raw()]);
+        let t = Timeout::pair(Timeout(500), Timeout(500));
+        let routed = sys::ipc(server, server, t, NO_WINDOW, &mut m.mr).map(|_| m.word(0));
+        if routed != Ok(0) {
+            println!(
+                "root: device task {i}: the server did not route it to the new task: {routed:?}"
+            );
+            root.kill(new);
+            return Err(());
+        }
+        root.kill(old);
+        self.thread = new;
+        SUPERVISED[i as usize].store(new.raw(), Ordering::SeqCst);
+        FAULTED[i as usize].store(0, Ordering::SeqCst);
+        println!(
+            "root: device task {i} (thread {:#x}) faulted; restarted as thread {:#x} ({} restarts)",
+            old.raw(),
+            new.raw(),
+            self.restarts
+        );
+        Ok(())
+    }
 }
 
 /// Hosted mode: start a device task per virtio device and the guest server with the
-/// reserved RAM, and wait for the guest to end. Returns the exit word for the vmm
-/// (`port::end`).
-pub fn run(root: &Root, ram: Option<(u64, u64)>, devices: u64, pool_phys: u64) -> (u8, u8) {
+/// reserved RAM, supervise the device tasks, and wait for the guest to end. `flags`
+/// are the device tasks' boot flags (`device::boot::FAULTS`). Returns the exit word
+/// for the vmm (`port::end`).
+pub fn run(
+    root: &Root,
+    ram: Option<(u64, u64)>,
+    devices: u64,
+    pool_phys: u64,
+    flags: u64,
+) -> (u8, u8) {
     let Some((base, size)) = ram else {
         println!("root: no room in VM0 for the guest's RAM");
         return (port::ENDED_FAILED, 1);
@@ -335,12 +481,21 @@ pub fn run(root: &Root, ram: Option<(u64, u64)>, devices: u64, pool_phys: u64) -
         println!("root: {devices} devices or {size} bytes of RAM are too many for device tasks");
         return (port::ENDED_FAILED, 1);
     }
+    ROOT.store(root.me.raw(), Ordering::SeqCst);
     let mut words = [0u64; 3 + layout::MAX_DEVICES as usize];
+    let mut table = alloc::vec::Vec::new();
     for i in 0..devices {
-        match start_device(root, i, (base, size), pool_phys) {
+        let Some(mut d) = Device::new(i) else {
+            println!("root: device task {i}: no memory for its DMA buffer and state page");
+            return (port::ENDED_FAILED, 1);
+        };
+        match d.start(root, (base, size), pool_phys, flags) {
             Ok(t) => words[3 + i as usize] = t.raw(),
             Err(()) => return (port::ENDED_FAILED, 1),
         }
+        d.thread = ThreadId(words[3 + i as usize] as u32);
+        SUPERVISED[i as usize].store(d.thread.raw(), Ordering::SeqCst);
+        table.push(d);
     }
     let s = match root.spawn(server, task_new::PRIVILEGED) {
         Ok(s) => s,
@@ -357,11 +512,24 @@ pub fn run(root: &Root, ram: Option<(u64, u64)>, devices: u64, pool_phys: u64) -
     if root.tell(s, &words[..3 + devices as usize]).is_err() {
         return (port::ENDED_FAILED, 1);
     }
-    let Ok(m) = root.expect(s, u32::MAX) else {
-        return (port::ENDED_FAILED, 1);
+    // supervise the device tasks until the server reports the guest's end
+    let m = loop {
+        match receive(ThreadId::ANY, Timeout(SUPERVISE_TICKS), NO_WINDOW) {
+            Ok((from, m)) if from == s && m.label() == crate::REPORT => break m,
+            // a fault notice, anything else, or the periodic look
+            _ => {}
+        }
+        for d in table.iter_mut() {
+            if FAULTED[d.i as usize].load(Ordering::SeqCst) == d.thread.raw()
+                && d.restart(root, s, (base, size), pool_phys, flags).is_err()
+            {
+                println!("root: device task {} could not be restarted", d.i);
+                return (port::ENDED_FAILED, 1);
+            }
+        }
     };
-    for (i, &t) in words[3..3 + devices as usize].iter().enumerate() {
-        let t = ThreadId(t as u32);
+    for (i, d) in table.iter().enumerate() {
+        let t = d.thread;
         let asked = send(t, &mut Msg::new(device::STATS, &[]), Timeout(100));
         if let Ok(c) = asked.and_then(|_| root.expect(t, 100)) {
             println!(

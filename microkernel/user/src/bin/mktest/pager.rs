@@ -2,8 +2,9 @@
 //!
 //! Text and read-only pages of the image are mapped from the root's own (shared, a
 //! child mapping of the root's); data pages get a private copy; any page in the lazy
-//! region a fresh zero page from the pool. Other faults get no reply (the task stays
-//! blocked and the test that caused it times out).
+//! region a fresh zero page from the pool. Other faults get no reply: the task stays
+//! blocked, and the test that caused it times out — or, for a device task of a hosted
+//! guest, its supervisor (the root) restarts it (`hosted::faulted`).
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
@@ -70,10 +71,12 @@ pub extern "C" fn main() -> ! {
             let r = resolve(m.word(0));
             if r.is_none() {
                 println!(
-                    "pager: no page for {:#x} (ip {:#x}) of thread {:#x}",
+                    "pager: no page for {:#x} (ip {:#x}) of thread {:#x}{}",
                     m.word(0),
                     m.word(1),
-                    from.0
+                    from.0,
+                    // a device task's supervisor restarts it
+                    if crate::hosted::faulted(from) { ": reported to its supervisor" } else { "" }
                 );
             }
             r
