@@ -63,6 +63,10 @@ pub mod flags {
     /// task crash on purpose (a write to register 0xf00 of the device's window), to
     /// test that the root restarts it.
     pub const DEVICE_FAULTS: u64 = 2;
+    /// Hosted mode: the guest's queue notifications and the device tasks' interrupts
+    /// are wired through eventfds inside KVM (`layout::NOTIFY_IRQ_BASE`,
+    /// `layout::DOORBELL_PHYS`); off with `vmm --no-eventfd-pairing`.
+    pub const EVENTFD_PAIRING: u64 = 4;
 }
 
 /// The vector of the trap system-call entry (`int3`; same registers as SYSCALL).
@@ -88,6 +92,17 @@ pub mod layout {
     /// `DEVICE_PHYS + 4 KiB * i`, interrupt line (IOAPIC pin) `DEVICE_IRQ_BASE + i`.
     pub const DEVICE_PHYS: u64 = 0xd000_0000;
     pub const DEVICE_IRQ_BASE: u16 = 5;
+    /// Eventfd pairing (`flags::EVENTFD_PAIRING`), per guest device `i`:
+    /// - the guest's write to its `QueueNotify` register is an ioeventfd of the guest's
+    ///   VM that is an irqfd of VM0's line `NOTIFY_IRQ_BASE + i`: the device task hears
+    ///   the notification as an interrupt IPC, and the guest does not exit;
+    /// - VM0's page `DOORBELL_PHYS + 4 KiB * i` (root virtual `DEVICES + 4 KiB *
+    ///   (MAX_DEVICES + i)`) is a doorbell: any write to it is an ioeventfd of VM0 that
+    ///   is an irqfd of the guest's pin `DEVICE_IRQ_BASE + i`.
+    ///
+    /// Neither passes through the vmm's user space.
+    pub const NOTIFY_IRQ_BASE: u16 = 9;
+    pub const DOORBELL_PHYS: u64 = DEVICE_PHYS + MAX_DEVICES * 4096;
     /// The most virtio devices (device tasks) a hosted guest has: the root names them
     /// all in the guest server's boot message.
     pub const MAX_DEVICES: u64 = 4;

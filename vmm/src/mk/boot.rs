@@ -142,10 +142,12 @@ pub fn load(
         if regions.len() == MAX_REGIONS {
             return Err(bad("no boot region left for VM0's devices"));
         }
+        // the devices' windows, then (after room for the most devices) their doorbells
+        let most = microkernel::bootinfo::layout::MAX_DEVICES;
         regions.push(Region {
             vaddr: microkernel::bootinfo::layout::DEVICES,
             paddr: crate::layout::VIRTIO_MMIO_START,
-            size: devices * crate::layout::VIRTIO_MMIO_SIZE,
+            size: (most + devices) * crate::layout::VIRTIO_MMIO_SIZE,
             rights: microkernel::abi::Rights::RW.bits() as u64,
         });
     }

@@ -27,10 +27,11 @@ use std::sync::{mpsc, Arc};
 use std::thread;
 
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_READONLY};
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VcpuExit, VcpuFd, VmFd};
 use microkernel::abi::guest as kind;
 use microkernel::bootinfo::hyper::{self, ExitRecord};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::layout::IOAPIC_PINS;
 use crate::vm::{self, create_memory, dump_regs, kvm_err, VmConfig};
@@ -230,6 +231,19 @@ struct GuestVm {
     dirty: bool,
     /// The running vCPU: the thread waits on this for each exit's answer.
     resume: Option<mpsc::Sender<u64>>,
+    /// Eventfd pairing, per device (`bootinfo::layout::NOTIFY_IRQ_BASE`).
+    pairs: Vec<Pair>,
+}
+
+/// One device's eventfd pairs between the guest's VM and VM0 (registered on both VMs;
+/// the guest's side goes with its VM, VM0's is taken back when the guest goes).
+struct Pair {
+    /// Guest `QueueNotify` write → VM0 line `line`.
+    notify: EventFd,
+    line: u32,
+    /// VM0 write to `doorbell` → guest pin.
+    bell: EventFd,
+    doorbell: u64,
 }
 
 /// Every guest VM of VM0, indexed by guest task number.
@@ -239,18 +253,80 @@ pub struct Guests {
     vm0_mem: GuestMemoryMmap,
     vms: BTreeMap<u64, GuestVm>,
     firmware: Firmware,
+    /// Wire the devices' notifications and interrupts through eventfds (`Pair`).
+    pairing: bool,
     pub stats: Arc<Stats>,
 }
 
 impl Guests {
-    pub fn new(kvm: Kvm, vm0: Arc<VmFd>, vm0_mem: GuestMemoryMmap, firmware: Firmware) -> Self {
+    pub fn new(
+        kvm: Kvm,
+        vm0: Arc<VmFd>,
+        vm0_mem: GuestMemoryMmap,
+        firmware: Firmware,
+        pairing: bool,
+    ) -> Self {
         Self {
             kvm,
             vm0,
             vm0_mem,
             vms: BTreeMap::new(),
             firmware,
+            pairing,
             stats: Arc::default(),
+        }
+    }
+
+    /// Pair each of the guest's virtio devices with VM0 inside KVM: the guest's
+    /// `QueueNotify` writes become an interrupt of VM0 (no exit), and writes to the
+    /// device's doorbell page in VM0 an interrupt of the guest.
+    fn pair(&self, vm: &VmFd) -> Result<Vec<Pair>, String> {
+        use microkernel::bootinfo::layout::{DOORBELL_PHYS, NOTIFY_IRQ_BASE};
+        let Firmware::Linux(_, windows) = &self.firmware else {
+            return Ok(Vec::new());
+        };
+        let mut pairs = Vec::new();
+        for (i, w) in windows.iter().enumerate() {
+            let e = |what: &str, err: &dyn std::fmt::Display| {
+                format!("eventfd pairing, device {i}: {what}: {err}")
+            };
+            let notify = EventFd::new(libc::EFD_NONBLOCK).map_err(|x| e("eventfd", &x))?;
+            let bell = EventFd::new(libc::EFD_NONBLOCK).map_err(|x| e("eventfd", &x))?;
+            let (line, doorbell) = (
+                u32::from(NOTIFY_IRQ_BASE) + i as u32,
+                DOORBELL_PHYS + 4096 * i as u64,
+            );
+            // any write to the register, whichever queue it names
+            let at = IoEventAddress::Mmio(w.base + crate::layout::VIRTIO_MMIO_NOTIFY_OFFSET);
+            vm.register_ioevent(&notify, &at, NoDatamatch)
+                .map_err(|x| e("guest ioeventfd", &x))?;
+            self.vm0
+                .register_irqfd(&notify, line)
+                .map_err(|x| e("VM0 irqfd", &x))?;
+            self.vm0
+                .register_ioevent(&bell, &IoEventAddress::Mmio(doorbell), NoDatamatch)
+                .map_err(|x| e("VM0 ioeventfd", &x))?;
+            vm.register_irqfd(&bell, w.gsi)
+                .map_err(|x| e("guest irqfd", &x))?;
+            pairs.push(Pair {
+                notify,
+                line,
+                bell,
+                doorbell,
+            });
+        }
+        Ok(pairs)
+    }
+
+    /// Take VM0's side of a guest's pairs back.
+    fn unpair(&self, pairs: &[Pair]) {
+        for p in pairs {
+            let _ = self.vm0.unregister_irqfd(&p.notify, p.line);
+            let _ = self.vm0.unregister_ioevent(
+                &p.bell,
+                &IoEventAddress::Mmio(p.doorbell),
+                NoDatamatch,
+            );
         }
     }
 
@@ -270,22 +346,30 @@ impl Guests {
                 // LAPIC, IOAPIC, PIC and PIT in KVM, as for a native guest (HLT and the
                 // timers stay in KVM)
                 vm::setup_platform(&vm, true).map_err(|e| e.to_string())?;
+                let pairs = if self.pairing {
+                    self.pair(&vm)?
+                } else {
+                    Vec::new()
+                };
                 let g = GuestVm {
                     vm,
                     pages: BTreeMap::new(),
                     slots: 0,
                     dirty: false,
                     resume: None,
+                    pairs,
                 };
                 self.vms.insert(task, g);
                 Ok(())
             }
             hyper::DESTROY => {
                 // Dropping the sender ends a vCPU thread waiting for its answer.
-                self.vms
+                let g = self
+                    .vms
                     .remove(&task)
-                    .map(|_| ())
-                    .ok_or(format!("DESTROY: no guest {task}"))
+                    .ok_or(format!("DESTROY: no guest {task}"))?;
+                self.unpair(&g.pairs);
+                Ok(())
             }
             hyper::MAP | hyper::PROTECT | hyper::UNMAP => {
                 let vm0_pages = self.vm0_mem.last_addr().0 >> 12;

@@ -52,8 +52,15 @@ pub enum Mode {
     BenchExit(u32),
     /// Hosted mode: a guest server runs a Linux guest with `mib` MiB of RAM and
     /// `devices` virtio devices (device tasks in VM0); `faults`: the guest may crash a
-    /// device task on purpose (`--test-device-faults`).
-    Hosted { mib: u64, devices: u64, faults: bool },
+    /// device task on purpose (`--test-device-faults`); `pairing`: queue
+    /// notifications and device interrupts go through eventfds inside KVM (off with
+    /// `--no-eventfd-pairing`).
+    Hosted {
+        mib: u64,
+        devices: u64,
+        faults: bool,
+        pairing: bool,
+    },
 }
 
 impl Mode {

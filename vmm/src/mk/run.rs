@@ -35,14 +35,17 @@ pub fn run(mode: Mode) -> Result<Outcome, VmmError> {
 /// with the same window and interrupt line in the guest VM.
 ///
 /// `faults` (test only, `--test-device-faults`): the guest may make a device task crash
-/// through a register of its device's window, to test that VM0 restarts it.
-pub fn run_hosted(cfg: &VmConfig, faults: bool) -> Result<Outcome, VmmError> {
+/// through a register of its device's window, to test that VM0 restarts it. `pairing`:
+/// wire queue notifications and device interrupts through eventfds inside KVM
+/// (`bootinfo::layout::NOTIFY_IRQ_BASE`); without it they are exits through the vmm.
+pub fn run_hosted(cfg: &VmConfig, faults: bool, pairing: bool) -> Result<Outcome, VmmError> {
     let prepared = crate::virtio::prepare(&cfg.devices)?;
     check_mappings(cfg.mem_size, prepared.len() as u64)?;
     let mode = Mode::Hosted {
         mib: cfg.mem_size >> 20,
         devices: prepared.len() as u64,
         faults,
+        pairing,
     };
     // the device windows are filled in once VM0's devices are attached
     let firmware = Firmware::Linux(Box::new(cfg.clone()), Vec::new());
@@ -112,8 +115,18 @@ fn boot_vm0(
     } else {
         0
     };
-    if let Mode::Hosted { faults: true, .. } = mode {
-        flags |= microkernel::bootinfo::flags::DEVICE_FAULTS;
+    let mut pairing = false;
+    if let Mode::Hosted {
+        faults, pairing: p, ..
+    } = mode
+    {
+        if faults {
+            flags |= microkernel::bootinfo::flags::DEVICE_FAULTS;
+        }
+        if p && ndevices > 0 {
+            flags |= microkernel::bootinfo::flags::EVENTFD_PAIRING;
+            pairing = true;
+        }
     }
     let entry = boot::load(&mem, vm0_memory, mode.raw(), flags, ndevices)?;
 
@@ -137,7 +150,7 @@ fn boot_vm0(
             None => println!("bench: TSC rate unknown"),
         }
     }
-    let guests = Guests::new(open_kvm()?, vm.clone(), mem.clone(), firmware);
+    let guests = Guests::new(open_kvm()?, vm.clone(), mem.clone(), firmware, pairing);
     let stats = guests.stats.clone();
     let (outcome, vm0_exits) = vcpu_loop(&vm, vcpu, &mem, quirks, guests, &bus);
     if let Some(native) = native {

@@ -19,6 +19,12 @@
 //! from VM0's network device, announced by its interrupt) is moved into the guest's
 //! receive queue by the task, which raises the guest's pin with `guest_interrupt`.
 //!
+//! With eventfd pairing (the default; `bootinfo::layout::NOTIFY_IRQ_BASE`) the guest's
+//! queue notifications do not exit: KVM turns them into an interrupt of VM0 that
+//! reaches the task as IPC from its notification line, and the task raises the guest's
+//! pin by writing its doorbell page, which KVM turns into the guest's interrupt. Only
+//! the other register accesses (interrupt status and acknowledgement, setup) are exits.
+//!
 //! A device task can die (a fault nobody resolves) and be restarted by the root
 //! (`hosted`): the driver's setup of the transport (`MmioTransport::save`) lives in a
 //! state page the root keeps and maps into each instance; a restarted instance
@@ -35,7 +41,7 @@ use devices::virtio::mmio::{MmioTransport, Saved};
 use devices::virtio::net::{self, Net, NetBackend, NetError};
 use devices::virtio::rng::{EntropyError, EntropySource, Rng};
 use devices::virtio::{device_type, GuestMemory, Interrupt, VirtioDevice};
-use mkrt::abi::{guest, label, Fpage, Rights, ThreadId};
+use mkrt::abi::{guest, irq_control, label, Fpage, Rights, ThreadId};
 use mkrt::mmio::{Regs, Window};
 use mkrt::msg::{reply_wait, wait, Msg};
 use mkrt::vdriver::{self, Driver, DriverError, Irq};
@@ -52,6 +58,8 @@ pub const MAX_RAM: u64 = 0x1000_0000;
 pub const REGS_AT: u64 = 0x1000_0000;
 /// The state page: the transport's saved setup, kept by the root across restarts.
 pub const STATE_AT: u64 = 0x1001_0000;
+/// The doorbell page (eventfd pairing): a write raises the guest's pin.
+pub const DOORBELL_AT: u64 = 0x1002_0000;
 /// The DMA buffer: `2^DMA_LOG2` bytes.
 pub const DMA_AT: u64 = 0x1010_0000;
 pub const DMA_LOG2: u8 = 17;
@@ -66,6 +74,9 @@ pub mod boot {
     pub const RESTARTED: u64 = 1;
     /// Honour `FAULT_REG` (`vmm --test-device-faults`).
     pub const FAULTS: u64 = 2;
+    /// Eventfd pairing: notifications arrive on line `NOTIFY_IRQ_BASE + index`, and
+    /// the doorbell page raises the guest's pin.
+    pub const PAIRED: u64 = 4;
 }
 
 /// Test-only register in the device's window (past any device's configuration space):
@@ -354,7 +365,13 @@ pub extern "C" fn task() -> ! {
             Window::new(WINDOW, ram, 0),
         )
     };
-    let how = Serve { index, base: 0, pin, state, flags };
+    let paired = (flags & boot::PAIRED != 0).then(|| {
+        // SAFETY: with `PAIRED` the root mapped the doorbell page before the boot
+        // message; writes to it are all this task does with it.
+        let bell = unsafe { Regs::at(WINDOW + DOORBELL_AT) };
+        (bell, mkrt::bootinfo::layout::NOTIFY_IRQ_BASE + index as u16)
+    });
+    let how = Serve { index, base: 0, pin, state, flags, paired };
     // what to ask of VM0's device and how many queues it has, by its type (read before
     // the driver resets it): a network interface two, the others one
     let (accept, queues) = match regs.read32(devices::virtio::mmio::reg::DEVICE_ID) {
@@ -417,6 +434,8 @@ struct Serve {
     state: Window,
     /// Boot flags (`boot::*`).
     flags: u64,
+    /// Eventfd pairing: the doorbell and the notification line.
+    paired: Option<(Regs, u16)>,
 }
 
 impl Serve {
@@ -439,15 +458,18 @@ impl Serve {
     }
 }
 
-/// Answer the guest's exits in the device's window, and VM0's device's interrupts,
-/// forever.
+/// Answer the guest's exits in the device's window, its notifications (paired) and
+/// VM0's device's interrupts, forever.
 ///
 /// An exit is answered in the reply (the value read, and the guest pin to pulse if the
 /// model raised its interrupt meanwhile). VM0's interrupt is news from the backend (a
 /// frame arrived): acknowledge it, let the model take what it can, and if that raised
-/// the guest's interrupt, raise it now with `guest_interrupt` (there is no exit to
-/// answer). After a queue notification the model is asked again too: a transmit may
-/// have consumed VM0's interrupt that announced a received frame.
+/// the guest's interrupt, raise it now — by the doorbell (paired) or with
+/// `guest_interrupt` — since there is no exit to answer. A paired notification is the
+/// same: unmask the line first (a notification after that interrupts again; one before
+/// it is in the rings looked at next), run every queue, raise by the doorbell. After a
+/// queue notification the model is asked again too: a transmit may have consumed VM0's
+/// interrupt that announced a received frame.
 fn serve<D: VirtioDevice, M: GuestMemory>(mut t: MmioTransport<D, M>, how: Serve, vm0: Irq) -> ! {
     let (base, pin) = (how.base, how.pin);
     if how.flags & boot::RESTARTED != 0 {
@@ -466,18 +488,35 @@ fn serve<D: VirtioDevice, M: GuestMemory>(mut t: MmioTransport<D, M>, how: Serve
     }
     let mut saved = t.save();
     how.store(&saved);
-    let (mut from, mut m) = wait();
+    let queues = t.device().queue_max_sizes().len();
     let (mut exits, mut notifies, mut interrupts) = (0u64, 0u64, 0u64);
     let mut vcpu = None;
+    if how.flags & boot::RESTARTED != 0 {
+        // what the guest added while no task listened (paired: that notification is lost)
+        for q in 0..queues {
+            t.notify(q);
+        }
+        interrupts += raise(&how, vcpu);
+    }
+    let (mut from, mut m) = wait();
     loop {
         if m.label() == label::INTERRUPT && from == ThreadId::irq(vm0.line) {
             vm0.acknowledge();
             t.backend_ready();
-            // before the first exit the vCPU is unknown: the interrupt stays owed and
-            // goes with the first reply (a restarted task owes one from the start)
-            if let Some(v) = vcpu.filter(|_| RAISED.swap(false, Ordering::SeqCst)) {
-                interrupts += u64::from(sys::guest_interrupt(v, 1 << pin).is_ok());
+            interrupts += raise(&how, vcpu);
+            (from, m) = wait();
+            continue;
+        }
+        if let Some((_, line)) = how.paired.filter(|&(_, l)| from == ThreadId::irq(l)) {
+            let _ = sys::irq_control(irq_control::ACK, line.into(), ThreadId::NIL);
+            crash_if(point::BEFORE);
+            for q in 0..queues {
+                t.notify(q);
             }
+            notifies += 1;
+            t.backend_ready();
+            crash_if(point::AFTER);
+            interrupts += raise(&how, vcpu);
             (from, m) = wait();
             continue;
         }
@@ -535,6 +574,20 @@ fn serve<D: VirtioDevice, M: GuestMemory>(mut t: MmioTransport<D, M>, how: Serve
             Err(_) => wait(),
         };
     }
+}
+
+/// Raise the guest's pin now if the model asked for it: by the doorbell, or by system
+/// call once the vCPU is known (before that, the first exit's reply carries it).
+/// Returns 1 if it did.
+fn raise(how: &Serve, vcpu: Option<ThreadId>) -> u64 {
+    match (how.paired, vcpu) {
+        (Some((bell, _)), _) if RAISED.swap(false, Ordering::SeqCst) => bell.write32(0, 1),
+        (None, Some(v)) if RAISED.swap(false, Ordering::SeqCst) => {
+            let _ = sys::guest_interrupt(v, 1 << how.pin);
+        }
+        _ => return 0,
+    }
+    1
 }
 
 /// Why a device could not be set up, for the root's message.

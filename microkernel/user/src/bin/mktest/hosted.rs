@@ -395,6 +395,15 @@ impl Device {
             give(t, regs, device::REGS_AT).map_err(|e| fail("registers not taken", e))?;
             let state = Fpage::new(self.state, 12, Rights::RW).expect("page");
             give(t, state, device::STATE_AT).map_err(|e| fail("state page not taken", e))?;
+            if flags & device::boot::PAIRED != 0 {
+                // the doorbell that raises the guest's pin, and the guest's notifications
+                let at = layout::DEVICES + 4096 * (layout::MAX_DEVICES + i);
+                let bell = Fpage::new(at, 12, Rights::RW).expect("page");
+                give(t, bell, device::DOORBELL_AT).map_err(|e| fail("doorbell not taken", e))?;
+                let notify = u64::from(layout::NOTIFY_IRQ_BASE) + i;
+                sys::irq_control(irq_control::ATTACH, notify, t)
+                    .map_err(|e| fail("notification line", e))?;
+            }
             let dma = Fpage::new(self.dma, device::DMA_LOG2, Rights::RW).expect("aligned run");
             give(t, dma, device::DMA_AT).map_err(|e| fail("DMA buffer not taken", e))?;
             let line = u64::from(layout::DEVICE_IRQ_BASE) + i;
@@ -435,8 +444,9 @@ impl Device {
             println!("root: device task {i} faulted {MAX_RESTARTS} times; not restarting it");
             return Err(());
         }
-        let line = u64::from(layout::DEVICE_IRQ_BASE) + i;
-        let _ = sys::irq_control(irq_control::DETACH, line, ThreadId::NIL);
+        for line in [layout::DEVICE_IRQ_BASE, layout::NOTIFY_IRQ_BASE] {
+            let _ = sys::irq_control(irq_control::DETACH, u64::from(line) + i, ThreadId::NIL);
+        }
         let new = self.start(root, ram, pool_phys, flags | device::boot::RESTARTED)?;
         let mut m = Msg::new(REROUTE, &[i, new.raw()]);
         let t = Timeout::pair(Timeout(500), Timeout(500));

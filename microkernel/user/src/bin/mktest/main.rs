@@ -126,8 +126,9 @@ extern "C" fn _start(
         mode::BENCH => bench::run(&root),
         mode::BENCH_EXIT => guest::bench(&root),
         mode::HOSTED => {
-            let faults = flags & mkrt::bootinfo::flags::DEVICE_FAULTS != 0;
-            let boot = if faults { device::boot::FAULTS } else { 0 };
+            use mkrt::bootinfo::flags::{DEVICE_FAULTS, EVENTFD_PAIRING};
+            let boot = (if flags & DEVICE_FAULTS != 0 { device::boot::FAULTS } else { 0 })
+                | (if flags & EVENTFD_PAIRING != 0 { device::boot::PAIRED } else { 0 });
             let (how, status) = hosted::run(&root, guest_ram, devices, pool_phys, boot);
             port::end(how, status)
         }
