@@ -161,21 +161,40 @@ fn a_guest_poking_outside_its_ram_reads_ones_and_cannot_reach_vm0() {
     );
 }
 
-/// The device tasks' closing lines: (exits as IPC, queue notifications, requests to
-/// VM0's device, interrupts raised by `guest_interrupt`) per task.
-fn device_tasks(run: &Run) -> Vec<(u64, u64, u64, u64)> {
+/// A device task's closing line.
+#[derive(Clone, Copy, Debug)]
+struct Task {
+    /// Exits as IPC.
+    exits: u64,
+    /// Queue notifications, and those of them that came as interrupts (paired).
+    notifies: u64,
+    by_irq: u64,
+    /// Requests to VM0's device.
+    requests: u64,
+    /// Guest interrupts raised outside exit replies (doorbell or `guest_interrupt`).
+    interrupts: u64,
+}
+
+/// The device tasks' closing lines, in order.
+fn device_tasks(run: &Run) -> Vec<Task> {
     lines(&run.output)
         .into_iter()
         .filter(|l| l.starts_with("device task ") && l.contains(" exits as IPC"))
         .map(|l| {
+            // "device task I: N exits as IPC, K queue notifications (P as interrupts),
+            // R requests to VM0's device, Q interrupts outside replies"
             let n: Vec<u64> = l
                 .split(|c: char| !c.is_ascii_digit())
                 .filter_map(|w| w.parse().ok())
                 .collect();
-            // "device task I: N exits as IPC (K queue notifications), R requests to
-            // VM0's device, Q interrupts by IPC"
-            assert_eq!(n.len(), 6, "{l}");
-            (n[1], n[2], n[3], n[5])
+            assert_eq!(n.len(), 7, "{l}");
+            Task {
+                exits: n[1],
+                notifies: n[2],
+                by_irq: n[3],
+                requests: n[4],
+                interrupts: n[6],
+            }
         })
         .collect()
 }
@@ -197,10 +216,16 @@ fn disks_and_rng_are_served_by_device_tasks_in_vm0() {
     // and each task drove VM0's device behind it
     let tasks = device_tasks(&run);
     assert_eq!(tasks.len(), 4, "three disks and the rng:\n{}", run.output);
-    for (i, &(exits, notifies, requests, _)) in tasks.iter().enumerate() {
+    for (i, t) in tasks.iter().enumerate() {
         assert!(
-            exits > 20 && notifies > 0 && requests > 0,
-            "device task {i}: {tasks:?}"
+            t.exits > 20 && t.notifies > 0 && t.requests > 0,
+            "device task {i}: {t:?}"
+        );
+        // eventfd pairing: every notification came as an interrupt, none as an exit,
+        // and the task rang the guest's doorbell for what it completed
+        assert!(
+            t.by_irq == t.notifies && t.interrupts > 0,
+            "device task {i}: {t:?}"
         );
     }
     let (_, _, server_mmio) = exits(&run);
@@ -209,7 +234,7 @@ fn disks_and_rng_are_served_by_device_tasks_in_vm0() {
         "MMIO exits reached the guest server:\n{}",
         run.output
     );
-    eprintln!("hosted devices: {tasks:?} (exits, notifications, VM0 requests, interrupts by IPC per task)");
+    eprintln!("hosted devices: {tasks:?}");
 }
 
 #[test]
@@ -227,14 +252,18 @@ fn network_is_served_by_a_device_task_in_vm0() {
     assert!(!run.output.contains("vmm: error"), "{}", run.output);
     let tasks = device_tasks(&run);
     assert_eq!(tasks.len(), 1, "one network device task:\n{}", run.output);
-    // 4 MiB each way is thousands of frames through VM0's device; frames that arrive
-    // while the guest has no exit open reach it by `guest_interrupt` — at least the first
-    // of the host → guest stream, which finds the guest idle in `nc`'s read
-    let (task_exits, notifies, requests, interrupts) = tasks[0];
+    // 4 MiB each way is thousands of frames through VM0's device; every notification
+    // came as an interrupt (eventfd pairing), and frames the task moved into the guest
+    // outside an exit were announced by the doorbell — at least the first of the
+    // host → guest stream, which finds the guest idle in `nc`'s read
+    let t = tasks[0];
     assert!(
-        task_exits > 20 && notifies > 0 && requests > 2_000 && interrupts > 0,
-        "network device task: {:?}",
-        tasks[0]
+        t.exits > 20
+            && t.notifies > 0
+            && t.by_irq == t.notifies
+            && t.requests > 2_000
+            && t.interrupts > 0,
+        "network device task: {t:?}"
     );
     let (_, _, server_mmio) = exits(&run);
     assert_eq!(
@@ -242,10 +271,7 @@ fn network_is_served_by_a_device_task_in_vm0() {
         "MMIO exits reached the guest server:\n{}",
         run.output
     );
-    eprintln!(
-        "hosted network: {:?} (exits, notifications, VM0 requests, interrupts by IPC)",
-        tasks[0]
-    );
+    eprintln!("hosted network: {t:?}");
 }
 
 #[test]
@@ -355,12 +381,22 @@ fn check_restart(scratch: &str, flags: &str) {
         "nothing else written"
     );
     assert_eq!(run.value("RNGBYTES"), "256", "the restarted rng serves");
+    // the last instances served their notifications the configured way
+    let tasks = device_tasks(&run);
+    assert_eq!(tasks.len(), 2, "{}", run.output);
+    for t in &tasks {
+        let by_irq = if flags.is_empty() { t.notifies } else { 0 };
+        assert!(
+            t.notifies > 0 && t.by_irq == by_irq,
+            "{tasks:?} with {flags:?}"
+        );
+    }
     assert!(!run.output.contains("vmm: error"), "{}", run.output);
     for l in l.iter().filter(|l| l.starts_with("root: device task")) {
         eprintln!("{l}");
     }
     eprintln!(
-        "four device-task restarts in {:?} from vmm start to exit",
+        "four device-task restarts (flags {flags:?}) in {:?} from vmm start to exit",
         run.elapsed
     );
     let _ = std::fs::remove_dir_all(&dir);

@@ -156,6 +156,15 @@ fn boot_vm0(
     if let Some(native) = native {
         report_exits(native, &stats, vm0_exits);
     }
+    if let Mode::Hosted { .. } = mode {
+        // what passed through the vmm's user space (eventfd pairing keeps the queue
+        // notifications and device interrupts out of it)
+        println!(
+            "hosted guest: {} exits through the vmm to VM0, {} VM0 exits to the vmm",
+            stats.exits.load(Ordering::Relaxed),
+            vm0_exits
+        );
+    }
     let again = stats.reannounced.load(Ordering::Relaxed);
     if again > 0 {
         eprintln!(

@@ -63,8 +63,9 @@ pub const DOORBELL_AT: u64 = 0x1002_0000;
 /// The DMA buffer: `2^DMA_LOG2` bytes.
 pub const DMA_AT: u64 = 0x1010_0000;
 pub const DMA_LOG2: u8 = 17;
-/// Label of the root's question for the task's counts (the reply: exits as IPC,
-/// queue notifications among them, requests to VM0's device, interrupts raised with
+/// Label of the root's question for the task's counts (the reply: exits as IPC, queue
+/// notifications, the notifications that came as interrupts (paired), requests to
+/// VM0's device, guest interrupts raised outside exit replies: doorbell or
 /// `guest_interrupt`).
 pub const STATS: u64 = 0x57a7;
 
@@ -489,7 +490,7 @@ fn serve<D: VirtioDevice, M: GuestMemory>(mut t: MmioTransport<D, M>, how: Serve
     let mut saved = t.save();
     how.store(&saved);
     let queues = t.device().queue_max_sizes().len();
-    let (mut exits, mut notifies, mut interrupts) = (0u64, 0u64, 0u64);
+    let (mut exits, mut notifies, mut by_irq, mut interrupts) = (0u64, 0u64, 0u64, 0u64);
     let mut vcpu = None;
     if how.flags & boot::RESTARTED != 0 {
         // what the guest added while no task listened (paired: that notification is lost)
@@ -514,6 +515,7 @@ fn serve<D: VirtioDevice, M: GuestMemory>(mut t: MmioTransport<D, M>, how: Serve
                 t.notify(q);
             }
             notifies += 1;
+            by_irq += 1;
             t.backend_ready();
             crash_if(point::AFTER);
             interrupts += raise(&how, vcpu);
@@ -521,7 +523,8 @@ fn serve<D: VirtioDevice, M: GuestMemory>(mut t: MmioTransport<D, M>, how: Serve
             continue;
         }
         if m.label() == STATS {
-            let counts = [exits, notifies, REQUESTS.load(Ordering::Relaxed), interrupts];
+            let requests = REQUESTS.load(Ordering::Relaxed);
+            let counts = [exits, notifies, by_irq, requests, interrupts];
             let mut r = Msg::new(STATS, &counts);
             (from, m) = reply_wait(from, &mut r).map(|f| (f, r)).unwrap_or_else(|_| wait());
             continue;

@@ -543,11 +543,12 @@ pub fn run(
         let asked = send(t, &mut Msg::new(device::STATS, &[]), Timeout(100));
         if let Ok(c) = asked.and_then(|_| root.expect(t, 100)) {
             println!(
-                "device task {i}: {} exits as IPC ({} queue notifications), {} requests to VM0's device, {} interrupts by IPC",
+                "device task {i}: {} exits as IPC, {} queue notifications ({} as interrupts), {} requests to VM0's device, {} interrupts outside replies",
                 c.word(0),
                 c.word(1),
                 c.word(2),
-                c.word(3)
+                c.word(3),
+                c.word(4)
             );
         }
     }
