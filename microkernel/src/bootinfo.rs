@@ -97,8 +97,9 @@ pub mod layout {
     ///   VM that is an irqfd of VM0's line `NOTIFY_IRQ_BASE + i`: the device task hears
     ///   the notification as an interrupt IPC, and the guest does not exit;
     /// - VM0's page `DOORBELL_PHYS + 4 KiB * i` (root virtual `DEVICES + 4 KiB *
-    ///   (MAX_DEVICES + i)`) is a doorbell: any write to it is an ioeventfd of VM0 that
-    ///   is an irqfd of the guest's pin `DEVICE_IRQ_BASE + i`.
+    ///   (MAX_DEVICES + i)`) is a doorbell: a write to its first word (any value, any
+    ///   width) is an ioeventfd of VM0 that is an irqfd of the guest's pin
+    ///   `DEVICE_IRQ_BASE + i`.
     ///
     /// Neither passes through the vmm's user space.
     pub const NOTIFY_IRQ_BASE: u16 = 9;

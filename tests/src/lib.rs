@@ -417,3 +417,43 @@ pub fn check_network(scratch: &str, command: &dyn Fn(&str, &str) -> String) -> R
     let _ = std::fs::remove_dir_all(&dir);
     run
 }
+
+/// The vsock checks native and hosted mode share, with a host program
+/// (`vsock-peer`) on the Unix-socket side: the guest connects to the host's port 6000
+/// and sends a line; the host connects to the guest's port 5000, sends a line and gets
+/// the guest's answer; and the vmm removes its socket at the end. `command(vsock,
+/// script)` is the vmm command line that runs `script` in the guest with the `--vsock`
+/// option `vsock`.
+pub fn check_vsock(scratch: &str, command: &dyn Fn(&str, &str) -> String) -> Run {
+    let (dir, rel) = scratch_dir(scratch);
+    let peer = vsock_peer_binary();
+    let peer = peer.strip_prefix(root()).unwrap().display().to_string();
+    // Unix sockets cannot live on the test host's 9p share: use its /tmp.
+    let sock = "/tmp/v.sock".to_string();
+    let guest = "echo guest-to-host | vsock connect 2 6000 && echo GCONNECT=ok; \
+        echo guest-reply >/tmp/reply; vsock listen 5000 </tmp/reply >/tmp/got && echo GLISTEN=ok; \
+        echo GGOT=$(cat /tmp/got)";
+    let cmd = format!(
+        "{peer} listen {sock}_6000 >{rel}/from-guest & l=$!; \
+         {vmm} & v=$!; \
+         i=0; until echo host-to-guest | {peer} connect {sock} 5000 >{rel}/answer 2>{rel}/peer.err; do \
+           i=$((i+1)); [ $i -gt 240 ] && {{ echo GAVE-UP; cat {rel}/peer.err; break; }}; sleep 0.5; done; \
+         wait $v; st=$?; kill $l 2>/dev/null; \
+         echo HGOT=$(cat {rel}/from-guest); echo ANSWER=$(cat {rel}/answer); \
+         [ -e {sock} ] && echo SOCKET-LEFT-BEHIND; exit $st",
+        vmm = command(&format!("--vsock cid=3,socket={sock}"), guest),
+    );
+    let run = run_guest(&cmd, Duration::from_secs(600));
+    run.expect_status(0);
+    assert_eq!(run.value("GCONNECT"), "ok", "guest-initiated connection");
+    assert_eq!(run.value("HGOT"), "guest-to-host");
+    assert_eq!(run.value("GLISTEN"), "ok", "host-initiated connection");
+    assert_eq!(run.value("GGOT"), "host-to-guest");
+    assert_eq!(run.value("ANSWER"), "guest-reply");
+    assert!(
+        !run.output.contains("SOCKET-LEFT-BEHIND"),
+        "the vmm removes its socket"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    run
+}

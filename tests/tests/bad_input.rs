@@ -300,13 +300,6 @@ fn hosted_mode_refuses_what_it_cannot_run_before_booting() {
         args.extend_from_slice(extra);
         run_vmm_here(&args)
     };
-    let sock = scratch("hosted-refusal.sock").display().to_string();
-    let vsock = format!("cid=3,socket={sock}");
-    fails_with(
-        &hosted(&["--vsock", &vsock]),
-        1,
-        "--vsock is not available with --hosted yet",
-    );
     fails_with(
         &hosted(&["--cpus", "2"]),
         1,

@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use integration_tests::{
-    check_disks_and_rng, check_network, image, pattern, root, run_guest, scratch_dir, sha256,
-    vsock_peer_binary, Run,
+    check_disks_and_rng, check_network, check_vsock, image, pattern, run_guest, scratch_dir,
+    sha256, Run,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(600);
@@ -65,39 +65,12 @@ fn network_through_a_tap_in_a_private_namespace() {
 
 #[test]
 fn vsock_connects_both_ways_through_the_unix_socket() {
-    let (dir, rel) = scratch("vsock");
-    let peer = vsock_peer_binary();
-    let peer = peer.strip_prefix(root()).unwrap().display().to_string();
-    // Unix sockets cannot live on the test host's 9p share: use its /tmp.
-    let sock = "/tmp/v.sock".to_string();
-    let guest = "echo guest-to-host | vsock connect 2 6000 && echo GCONNECT=ok; \
-        echo guest-reply >/tmp/reply; vsock listen 5000 </tmp/reply >/tmp/got && echo GLISTEN=ok; \
-        echo GGOT=$(cat /tmp/got)";
-    let cmd = format!(
-        "{peer} listen {sock}_6000 >{rel}/from-guest & l=$!; \
-         {vmm} & v=$!; \
-         i=0; until echo host-to-guest | {peer} connect {sock} 5000 >{rel}/answer 2>{rel}/peer.err; do \
-           i=$((i+1)); [ $i -gt 240 ] && {{ echo GAVE-UP; cat {rel}/peer.err; break; }}; sleep 0.5; done; \
-         wait $v; st=$?; kill $l 2>/dev/null; \
-         echo HGOT=$(cat {rel}/from-guest); echo ANSWER=$(cat {rel}/answer); \
-         [ -e {sock} ] && echo SOCKET-LEFT-BEHIND; exit $st",
-        vmm = minimal(&format!(
-            "--vsock cid=3,socket={sock} --cmdline 'console=ttyS0 panic=-1 pci=off quiet -- \"{guest}\"'"
-        )),
-    );
-    let run = run_guest(&cmd, TIMEOUT);
+    let run = check_vsock("virtio-vsock", &|vsock, script| {
+        minimal(&format!(
+            "{vsock} --cmdline 'console=ttyS0 panic=-1 pci=off quiet -- \"{script}\"'"
+        ))
+    });
     assert_clean(&run);
-    run.expect_status(0);
-    assert_eq!(value(&run, "GCONNECT"), "ok", "guest-initiated connection");
-    assert_eq!(value(&run, "HGOT"), "guest-to-host");
-    assert_eq!(value(&run, "GLISTEN"), "ok", "host-initiated connection");
-    assert_eq!(value(&run, "GGOT"), "host-to-guest");
-    assert_eq!(value(&run, "ANSWER"), "guest-reply");
-    assert!(
-        !run.output.contains("SOCKET-LEFT-BEHIND"),
-        "the vmm removes its socket"
-    );
-    let _ = fs::remove_dir_all(&dir);
 }
 
 #[test]

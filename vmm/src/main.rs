@@ -131,13 +131,10 @@ struct Cli {
 fn check_hosted(cli: &Cli, memory: u64) -> Result<(), VmmError> {
     let no = |what: &str| {
         Err(VmmError::Config(format!(
-            "{what} is not available with --hosted yet: hosted mode has device tasks for \
-             disks, network interfaces and the rng, and one vCPU (run without --hosted for it)"
+            "{what} is not available with --hosted yet: a hosted guest has one vCPU \
+             (run without --hosted for more)"
         )))
     };
-    if cli.vsock.is_some() {
-        return no("--vsock");
-    }
     if cli.cpus > 1 {
         return no("--cpus above 1");
     }

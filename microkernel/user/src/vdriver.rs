@@ -282,6 +282,12 @@ impl Driver {
         Ok(Some((id, len)))
     }
 
+    /// Whether the device has used a chain on queue `q` that `used` has not returned.
+    pub fn has_used(&self, q: usize) -> bool {
+        let at = self.phys(q as u64 * RINGS + USED + 2);
+        q < self.queues && self.dma.load_u16(at).is_ok_and(|idx| idx != self.rings[q].next_used)
+    }
+
     fn write(&self, offset: u64, bytes: &[u8]) -> Result<(), DriverError> {
         self.dma.write(self.phys(offset), bytes).map_err(|_| DriverError::Dma)
     }

@@ -281,11 +281,20 @@ impl Guests {
     /// `QueueNotify` writes become an interrupt of VM0 (no exit), and writes to the
     /// device's doorbell page in VM0 an interrupt of the guest.
     fn pair(&self, vm: &VmFd) -> Result<Vec<Pair>, String> {
+        let mut pairs = Vec::new();
+        let made = self.pair_each(vm, &mut pairs);
+        if made.is_err() {
+            // VM0's side of what was made; the guest's side goes with its VM
+            self.unpair(&pairs);
+        }
+        made.map(|()| pairs)
+    }
+
+    fn pair_each(&self, vm: &VmFd, pairs: &mut Vec<Pair>) -> Result<(), String> {
         use microkernel::bootinfo::layout::{DOORBELL_PHYS, NOTIFY_IRQ_BASE};
         let Firmware::Linux(_, windows) = &self.firmware else {
-            return Ok(Vec::new());
+            return Ok(());
         };
-        let mut pairs = Vec::new();
         for (i, w) in windows.iter().enumerate() {
             let e = |what: &str, err: &dyn std::fmt::Display| {
                 format!("eventfd pairing, device {i}: {what}: {err}")
@@ -296,26 +305,28 @@ impl Guests {
                 u32::from(NOTIFY_IRQ_BASE) + i as u32,
                 DOORBELL_PHYS + 4096 * i as u64,
             );
-            // any write to the register, whichever queue it names
-            let at = IoEventAddress::Mmio(w.base + crate::layout::VIRTIO_MMIO_NOTIFY_OFFSET);
-            vm.register_ioevent(&notify, &at, NoDatamatch)
-                .map_err(|x| e("guest ioeventfd", &x))?;
-            self.vm0
-                .register_irqfd(&notify, line)
-                .map_err(|x| e("VM0 irqfd", &x))?;
-            self.vm0
-                .register_ioevent(&bell, &IoEventAddress::Mmio(doorbell), NoDatamatch)
-                .map_err(|x| e("VM0 ioeventfd", &x))?;
-            vm.register_irqfd(&bell, w.gsi)
-                .map_err(|x| e("guest irqfd", &x))?;
+            // in the list before anything is registered: `unpair` takes back what was
             pairs.push(Pair {
                 notify,
                 line,
                 bell,
                 doorbell,
             });
+            let p = &pairs[pairs.len() - 1];
+            // any write to the register, whichever queue it names
+            let at = IoEventAddress::Mmio(w.base + crate::layout::VIRTIO_MMIO_NOTIFY_OFFSET);
+            vm.register_ioevent(&p.notify, &at, NoDatamatch)
+                .map_err(|x| e("guest ioeventfd", &x))?;
+            self.vm0
+                .register_irqfd(&p.notify, line)
+                .map_err(|x| e("VM0 irqfd", &x))?;
+            self.vm0
+                .register_ioevent(&p.bell, &IoEventAddress::Mmio(doorbell), NoDatamatch)
+                .map_err(|x| e("VM0 ioeventfd", &x))?;
+            vm.register_irqfd(&p.bell, w.gsi)
+                .map_err(|x| e("guest irqfd", &x))?;
         }
-        Ok(pairs)
+        Ok(())
     }
 
     /// Take VM0's side of a guest's pairs back.

@@ -5,7 +5,8 @@
 //! - the guest's RAM at the window's base (guest-physical 0): the only guest memory it
 //!   can touch, through bounds-checked copies (`mkrt::mmio::Window`);
 //! - the register page of VM0's own virtio device `i` (the vmm serves it with its
-//!   native device code and backend: a file, a tap, the host's entropy) and a DMA buffer
+//!   native device code and backend: a file, a tap, the host's Unix sockets for vsock,
+//!   the host's entropy) and a DMA buffer
 //!   whose VM0-physical address it is told: it drives that device as a user-level
 //!   driver (`mkrt::vdriver`), and the device's interrupt reaches it as IPC;
 //! - nothing else: no other task's memory, no ports.
@@ -40,6 +41,7 @@ use devices::virtio::blk::{BackendError, Block, BlockBackend, SECTOR_SIZE};
 use devices::virtio::mmio::{MmioTransport, Saved};
 use devices::virtio::net::{self, Net, NetBackend, NetError};
 use devices::virtio::rng::{EntropyError, EntropySource, Rng};
+use devices::virtio::vsock::{self, PacketHeader, Vsock, VsockBackend};
 use devices::virtio::{device_type, GuestMemory, Interrupt, VirtioDevice};
 use mkrt::abi::{guest, irq_control, label, Fpage, Rights, ThreadId};
 use mkrt::mmio::{Regs, Window};
@@ -94,18 +96,33 @@ pub mod point {
     /// ... after the model used the buffers, before the exit is answered (the guest
     /// was not interrupted: the new instance owes it the interrupt).
     pub const AFTER: u64 = 3;
+    /// Added to a point: crash with an invalid-opcode exception (which goes to the
+    /// task's supervisor) instead of a page fault (which goes to its pager).
+    pub const EXCEPTION: u64 = 16;
 }
 
 /// The armed crash point, 0 for none.
 static ARMED: AtomicU64 = AtomicU64::new(0);
 
-/// Crash here if `at` is armed: the test-only fault, a read of an address nothing maps.
+/// Crash here if `at` is armed: the test-only fault, a load from an address nothing
+/// maps, or `ud2`.
 fn crash_if(at: u64) {
-    if ARMED.load(Ordering::Relaxed) == at {
-        println!("device task: injected fault at point {at}");
-        // SAFETY: none: a deliberate read of an unmapped address, the fault the root's
-        // pager cannot resolve and reports to the supervisor (the test-only crash).
-        unsafe { core::ptr::read_volatile(UNMAPPED as *const u64) };
+    let armed = ARMED.load(Ordering::Relaxed);
+    if armed & !point::EXCEPTION != at {
+        return;
+    }
+    println!("device task: injected fault at point {armed}");
+    if armed & point::EXCEPTION != 0 {
+        // SAFETY: raises #UD; the kernel sends it to the supervisor, which deletes this
+        // task: execution never continues past it.
+        unsafe { core::arch::asm!("ud2", options(nostack)) };
+    } else {
+        // SAFETY: a load the page tables refuse; the pager cannot resolve it and
+        // reports it to the supervisor, which deletes this task: execution never
+        // continues past it, and no Rust reference is involved.
+        unsafe {
+            core::arch::asm!("mov {0}, qword ptr [{1}]", out(reg) _, in(reg) UNMAPPED, options(nostack))
+        };
     }
 }
 
@@ -345,6 +362,121 @@ impl NetBackend for Vm0Net {
     }
 }
 
+/// A vsock device: VM0's virtio-vsock, whose backend (the vmm's) bridges to the host's
+/// Unix sockets. Packets pass through unchanged: the guest's model has checked the
+/// guest's (its CID, the host as destination), and VM0's device checks them again for
+/// the same CID. Receive buffers stay offered on VM0's queue 0, as for the network; a
+/// packet whose payload does not fit the guest's receive buffer is handed over in parts
+/// (only data packets carry payload, and a stream may be split anywhere).
+struct Vm0Vsock {
+    drv: Driver,
+    refill: bool,
+    /// The packet being handed over: header, its receive buffer, payload length, bytes
+    /// handed over so far.
+    part: Option<(PacketHeader, u16, usize, usize)>,
+}
+
+impl Vm0Vsock {
+    const RX: usize = 0;
+    const TX: usize = 1;
+    /// The transmit buffer: header and the largest payload.
+    const TX_AT: u64 = vdriver::DATA;
+    const TX_LEN: usize = vsock::HDR_LEN + vsock::MAX_PAYLOAD;
+    /// Receive buffer `i`: header and 4 KiB of payload (what Linux offers a guest too).
+    const RX_AT: u64 = 0x1_3000;
+    const RX_LEN: u32 = 0x1100;
+
+    fn new(drv: Driver) -> Result<Self, DriverError> {
+        let end = Self::RX_AT + u64::from(vdriver::QUEUE_SIZE) * u64::from(Self::RX_LEN);
+        if Self::TX_AT + Self::TX_LEN as u64 > Self::RX_AT || end > 1 << DMA_LOG2 {
+            return Err(DriverError::Dma);
+        }
+        let mut v = Self { drv, refill: false, part: None };
+        for i in 0..vdriver::QUEUE_SIZE {
+            v.offer_rx(i)?;
+        }
+        v.drv.notify(Self::RX);
+        Ok(v)
+    }
+
+    fn rx_at(i: u16) -> u64 {
+        Self::RX_AT + u64::from(i) * u64::from(Self::RX_LEN)
+    }
+
+    fn offer_rx(&mut self, i: u16) -> Result<(), DriverError> {
+        self.drv.offer(Self::RX, i, &[(Self::rx_at(i), Self::RX_LEN, true)])
+    }
+
+    /// The next packet from VM0's device: header, buffer, payload length.
+    fn next(&mut self) -> Option<(PacketHeader, u16, usize)> {
+        let (i, used) = self.drv.used(Self::RX).ok()??;
+        REQUESTS.fetch_add(1, Ordering::Relaxed);
+        let mut raw = [0u8; vsock::HDR_LEN];
+        let at = self.drv.phys(Self::rx_at(i));
+        if (used as usize) < raw.len() || self.drv.dma().read(at, &mut raw).is_err() {
+            // nothing usable in it: the buffer goes back
+            let _ = self.offer_rx(i);
+            self.refill = true;
+            return None;
+        }
+        let hdr = PacketHeader::from_bytes(&raw);
+        let room = (Self::RX_LEN as usize - raw.len()).min(used as usize - raw.len());
+        Some((hdr, i, (hdr.len as usize).min(room)))
+    }
+}
+
+impl VsockBackend for Vm0Vsock {
+    fn send_pkt(&mut self, hdr: &PacketHeader, payload: &[u8]) {
+        let len = vsock::HDR_LEN + payload.len();
+        if len > Self::TX_LEN {
+            return;
+        }
+        let at = self.drv.phys(Self::TX_AT);
+        let dma = self.drv.dma();
+        let written = dma
+            .write(at, &hdr.to_bytes())
+            .and_then(|()| dma.write(at + vsock::HDR_LEN as u64, payload));
+        if written.is_ok() {
+            REQUESTS.fetch_add(1, Ordering::Relaxed);
+            // a packet VM0's device did not take is lost, as on a wire: the guest's
+            // stream then stalls or is reset by the host side
+            if self.drv.run_on(Self::TX, &[(Self::TX_AT, len as u32, false)]).is_ok() {
+                crash_if(point::BACKEND);
+            }
+        }
+    }
+
+    fn recv_pkt(&mut self, hdr: &mut PacketHeader, payload: &mut [u8]) -> Option<usize> {
+        let (h, i, len, done) = match self.part.take() {
+            Some(p) => p,
+            None => match self.next() {
+                Some((h, i, len)) => (h, i, len, 0),
+                None => {
+                    if core::mem::take(&mut self.refill) {
+                        self.drv.notify(Self::RX);
+                    }
+                    return None;
+                }
+            },
+        };
+        let n = (len - done).min(payload.len());
+        let at = self.drv.phys(Self::rx_at(i)) + (vsock::HDR_LEN + done) as u64;
+        let read = self.drv.dma().read(at, &mut payload[..n]);
+        *hdr = h;
+        if done + n < len && read.is_ok() {
+            self.part = Some((h, i, len, done + n));
+        } else {
+            let _ = self.offer_rx(i);
+            self.refill = true;
+        }
+        read.ok().map(|()| n)
+    }
+
+    fn has_pending(&self) -> bool {
+        self.part.is_some() || self.drv.has_used(Self::RX)
+    }
+}
+
 /// The task. Boot message: `[index, VM0 line, guest pin, RAM bytes, DMA physical,
 /// boot flags]`.
 pub extern "C" fn task() -> ! {
@@ -377,6 +509,8 @@ pub extern "C" fn task() -> ! {
     // the driver resets it): a network interface two, the others one
     let (accept, queues) = match regs.read32(devices::virtio::mmio::reg::DEVICE_ID) {
         device_type::NET => (Vm0Net::ACCEPT, 2),
+        // rx and tx; the event queue stays unused (as in the guest's model)
+        device_type::VSOCK => (0, 2),
         _ => (devices::virtio::blk::feature::RO | devices::virtio::blk::feature::FLUSH, 1),
     };
     let drv = match Driver::new(regs, dma, line as u16, accept as u32, queues) {
@@ -409,6 +543,17 @@ pub extern "C" fn task() -> ! {
             let mac = wire.mac();
             let model = Net::new(wire, mac);
             report(root, &[ready::OK, device_type::NET.into()]);
+            serve(MmioTransport::new(model, mem, Box::new(Raise)), how, vm0)
+        }
+        device_type::VSOCK => {
+            let cid = drv.config_u64(0);
+            let Ok(wire) = Vm0Vsock::new(drv) else {
+                println!("device task {index}: VM0's vsock device refused its buffers");
+                report(root, &[ready::NO_DEVICE, 0]);
+                park()
+            };
+            let model = Vsock::new(cid, wire);
+            report(root, &[ready::OK, device_type::VSOCK.into()]);
             serve(MmioTransport::new(model, mem, Box::new(Raise)), how, vm0)
         }
         device_type::RNG => {
@@ -492,19 +637,26 @@ fn serve<D: VirtioDevice, M: GuestMemory>(mut t: MmioTransport<D, M>, how: Serve
     let queues = t.device().queue_max_sizes().len();
     let (mut exits, mut notifies, mut by_irq, mut interrupts) = (0u64, 0u64, 0u64, 0u64);
     let mut vcpu = None;
-    if how.flags & boot::RESTARTED != 0 {
-        // what the guest added while no task listened (paired: that notification is lost)
-        for q in 0..queues {
-            t.notify(q);
-        }
-        interrupts += raise(&how, vcpu);
+    // An interrupt that fired between the root's attach and this point was swallowed
+    // by the wait for the boot message and left its line masked: unmask both lines,
+    // then look at everything once — VM0's device, and (after a restart) what the
+    // guest added while no task listened.
+    vm0.acknowledge();
+    if let Some((_, line)) = how.paired {
+        let _ = sys::irq_control(irq_control::ACK, line.into(), ThreadId::NIL);
     }
+    for q in 0..queues {
+        t.notify(q);
+    }
+    t.backend_ready();
+    interrupts += raise(&how, vcpu);
     let (mut from, mut m) = wait();
     loop {
         if m.label() == label::INTERRUPT && from == ThreadId::irq(vm0.line) {
             vm0.acknowledge();
             t.backend_ready();
             interrupts += raise(&how, vcpu);
+            keep(&how, &t, &mut saved);
             (from, m) = wait();
             continue;
         }
@@ -519,6 +671,7 @@ fn serve<D: VirtioDevice, M: GuestMemory>(mut t: MmioTransport<D, M>, how: Serve
             t.backend_ready();
             crash_if(point::AFTER);
             interrupts += raise(&how, vcpu);
+            keep(&how, &t, &mut saved);
             (from, m) = wait();
             continue;
         }
@@ -564,18 +717,23 @@ fn serve<D: VirtioDevice, M: GuestMemory>(mut t: MmioTransport<D, M>, how: Serve
             }
             _ => u64::MAX,
         };
-        // keep the driver's setup where a restarted instance finds it
-        let now = t.save();
-        if now != saved {
-            how.store(&now);
-            saved = now;
-        }
+        keep(&how, &t, &mut saved);
         let pulse = if RAISED.swap(false, Ordering::SeqCst) { 1 << pin } else { 0 };
         let mut reply = Msg::new(0, &[value, pulse]);
         (from, m) = match reply_wait(from, &mut reply) {
             Ok(f) => (f, reply),
             Err(_) => wait(),
         };
+    }
+}
+
+/// Keep the driver's setup where a restarted instance finds it, if it changed since
+/// `saved` (register writes; a device that failed and asks for a reset).
+fn keep<D: VirtioDevice, M: GuestMemory>(how: &Serve, t: &MmioTransport<D, M>, saved: &mut Saved) {
+    let now = t.save();
+    if now != *saved {
+        how.store(&now);
+        *saved = now;
     }
 }
 

@@ -73,17 +73,25 @@ static SUPERVISED: [AtomicU64; layout::MAX_DEVICES as usize] =
 /// Per device: the thread (raw id) that faulted, until the root has restarted it.
 static FAULTED: [AtomicU64; layout::MAX_DEVICES as usize] =
     [const { AtomicU64::new(0) }; layout::MAX_DEVICES as usize];
+/// The guest server (raw id), and whether it faulted (which ends the guest).
+static SERVER: AtomicU64 = AtomicU64::new(0);
+static SERVER_FAULTED: AtomicU64 = AtomicU64::new(0);
 
-/// The pager could not resolve a fault of `t`: if `t` is a supervised device task,
-/// note it for the root and tell the root (if it waits); true if so. The task stays
-/// blocked in its fault until the root deletes it.
+/// A fault of `t` nobody will resolve (a page fault the pager cannot serve, or an
+/// exception): if `t` is a supervised device task or the guest server, note it for the
+/// root and tell the root (if it waits); true if so. The thread stays blocked in its
+/// fault until the root deletes it.
 pub fn faulted(t: ThreadId) -> bool {
-    let Some(i) = SUPERVISED.iter().position(|s| s.load(Ordering::SeqCst) == t.raw()) else {
-        return false;
-    };
-    FAULTED[i].store(t.raw(), Ordering::SeqCst);
+    let i = SUPERVISED.iter().position(|s| s.load(Ordering::SeqCst) == t.raw());
+    match i {
+        Some(i) => FAULTED[i].store(t.raw(), Ordering::SeqCst),
+        None if SERVER.load(Ordering::SeqCst) == t.raw() => {
+            SERVER_FAULTED.store(1, Ordering::SeqCst)
+        }
+        None => return false,
+    }
     let root = ThreadId(ROOT.load(Ordering::SeqCst) as u32);
-    let _ = send(root, &mut Msg::new(FAULTED_NOTICE, &[i as u64]), Timeout::ZERO);
+    let _ = send(root, &mut Msg::new(FAULTED_NOTICE, &[]), Timeout::ZERO);
     true
 }
 
@@ -244,8 +252,8 @@ extern "C" fn server() -> ! {
             // a restarted device task takes over the device's window
             let (i, task) = (m.word(0), ThreadId(m.word(1) as u32));
             let base = layout::DEVICE_PHYS + 4096 * i;
-            let moved = sys::guest_route(vcpu, guest_route::MMIO, base, 4096, ThreadId::NIL)
-                .and_then(|()| sys::guest_route(vcpu, guest_route::MMIO, base, 4096, task));
+            // the same range: the kernel swaps the handler in one step
+            let moved = sys::guest_route(vcpu, guest_route::MMIO, base, 4096, task);
             let mut reply = Msg::new(REROUTE, &[moved.err().unwrap_or(0)]);
             (from, m) = match reply_wait(root, &mut reply) {
                 Ok(f) => (f, reply),
@@ -389,6 +397,9 @@ impl Device {
         let i = self.i;
         let fail = |what: &str, e: u64| println!("root: device task {i}: {what}: error {e}");
         let t = root.spawn(device::task, 0).map_err(|e| fail("cannot start it", e))?;
+        // supervised from its first instruction: a fault while it sets up or restores is
+        // reported like any other (and counts against `MAX_RESTARTS`)
+        SUPERVISED[i as usize].store(t.raw(), Ordering::SeqCst);
         let given = || -> Result<(), ()> {
             give_ram(t, ram.0, ram.1).map_err(|e| fail("guest RAM not taken", e))?;
             let regs = Fpage::new(layout::DEVICES + 4096 * i, 12, Rights::RW).expect("page");
@@ -460,8 +471,8 @@ impl Device {
         }
         root.kill(old);
         self.thread = new;
-        SUPERVISED[i as usize].store(new.raw(), Ordering::SeqCst);
-        FAULTED[i as usize].store(0, Ordering::SeqCst);
+        // the old task's fault is dealt with; one of the new task's stays noted
+        let _ = FAULTED[i as usize].compare_exchange(old.raw(), 0, Ordering::SeqCst, Ordering::SeqCst);
         println!(
             "root: device task {i} (thread {:#x}) faulted; restarted as thread {:#x} ({} restarts)",
             old.raw(),
@@ -504,7 +515,6 @@ pub fn run(
             Err(()) => return (port::ENDED_FAILED, 1),
         }
         d.thread = ThreadId(words[3 + i as usize] as u32);
-        SUPERVISED[i as usize].store(d.thread.raw(), Ordering::SeqCst);
         table.push(d);
     }
     let s = match root.spawn(server, task_new::PRIVILEGED) {
@@ -522,12 +532,27 @@ pub fn run(
     if root.tell(s, &words[..3 + devices as usize]).is_err() {
         return (port::ENDED_FAILED, 1);
     }
+    SERVER.store(s.raw(), Ordering::SeqCst);
     // supervise the device tasks until the server reports the guest's end
     let m = loop {
         match receive(ThreadId::ANY, Timeout(SUPERVISE_TICKS), NO_WINDOW) {
             Ok((from, m)) if from == s && m.label() == crate::REPORT => break m,
+            // an exception of a task this root supervises (it is their supervisor)
+            Ok((from, m)) if m.label() == label::EXCEPTION => {
+                println!(
+                    "root: thread {:#x} raised exception {} at ip {:#x}",
+                    from.raw(),
+                    m.word(0),
+                    m.word(2)
+                );
+                faulted(from);
+            }
             // a fault notice, anything else, or the periodic look
             _ => {}
+        }
+        if SERVER_FAULTED.load(Ordering::SeqCst) != 0 {
+            println!("root: the guest server faulted; the guest cannot go on");
+            return (port::ENDED_FAILED, 1);
         }
         for d in table.iter_mut() {
             if FAULTED[d.i as usize].load(Ordering::SeqCst) == d.thread.raw()
