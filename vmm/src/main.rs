@@ -106,7 +106,8 @@ struct Cli {
 
     /// Test only, with --hosted: a guest write of 1, 2 or 3 to offset 0xf00 of a virtio
     /// device's window makes its device task crash at its next queue notification
-    /// (before it, in the backend, after it), to test that VM0 restarts the task.
+    /// (before it, in the backend, after it; plus 16: by an invalid opcode instead of a
+    /// bad load), to test that VM0 restarts the task.
     #[arg(long, requires = "hosted")]
     test_device_faults: bool,
 
