@@ -122,8 +122,8 @@ struct Cli {
     no_rng: bool,
 
     /// Run without the per-thread seccomp filters (for debugging; a system call outside
-    /// a thread's allow-list otherwise ends the vmm with SIGSYS). `--microkernel` mode
-    /// installs no filters yet.
+    /// a thread's allow-list otherwise ends the vmm with SIGSYS). With --hosted only VM0's
+    /// device thread has a filter yet; `--microkernel` mode installs none.
     #[arg(long)]
     no_seccomp: bool,
 }

@@ -54,12 +54,14 @@ pub enum Mode {
     /// `devices` virtio devices (device tasks in VM0); `faults`: the guest may crash a
     /// device task on purpose (`--test-device-faults`); `pairing`: queue
     /// notifications and device interrupts go through eventfds inside KVM (off with
-    /// `--no-eventfd-pairing`).
+    /// `--no-eventfd-pairing`); `seccomp`: VM0's device thread runs under its filter
+    /// (off with `--no-seccomp`).
     Hosted {
         mib: u64,
         devices: u64,
         faults: bool,
         pairing: bool,
+        seccomp: bool,
     },
 }
 

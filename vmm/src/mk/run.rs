@@ -46,6 +46,7 @@ pub fn run_hosted(cfg: &VmConfig, faults: bool, pairing: bool) -> Result<Outcome
         devices: prepared.len() as u64,
         faults,
         pairing,
+        seccomp: cfg.seccomp,
     };
     // the device windows are filled in once VM0's devices are attached
     let firmware = Firmware::Linux(Box::new(cfg.clone()), Vec::new());
@@ -99,10 +100,14 @@ fn boot_vm0(
     let vm = Arc::new(kvm.create_vm().map_err(kvm_err("create the VM"))?);
     let mem = create_memory(&vm, vm0_memory)?;
     crate::vm::setup_platform(&vm, false)?;
-    // VM0's virtio devices (hosted mode): the native event loop, without seccomp here.
+    // VM0's virtio devices (hosted mode): the native event loop — the thread that
+    // touches the host's files, taps and sockets with what the guest sends — under its
+    // native seccomp filter (unless --no-seccomp). It enters the sandbox alone; the
+    // vCPU threads have no filters yet.
     let (bus, ndevices) = match devices {
         Some(p) if !p.is_empty() => {
-            let sandbox = Arc::new(crate::seccomp::Sandbox::new(false, 1)?);
+            let filter = matches!(mode, Mode::Hosted { seccomp: true, .. });
+            let sandbox = Arc::new(crate::seccomp::Sandbox::new(filter, 1)?);
             let (bus, infos) = crate::virtio::attach(&vm, &mem, p, &sandbox)?;
             let n = infos.len() as u64;
             // the guest sees each device where VM0 does: same window, same pin
