@@ -74,8 +74,8 @@ fn piped_input_reaches_the_guest_shell_without_loss_and_eof_ends_it() {
 
 #[test]
 fn stock_debian_cloud_kernel_boots_through_acpi_with_kvmclock() {
-    // One vCPU: with two, this boot failed in 2 of 3 CI runs on 2026-11-22 in ways only
-    // the test host explains — once the test host froze before the guest printed a byte,
+    // One vCPU: with two, this boot failed in both CI runs of 2026-11-22 that reached it,
+    // in ways only the test host explains — once the test host froze before the guest printed a byte,
     // once the guest triple-faulted 2.9 s into its boot — the nested-SVM trouble of two
     // L2 vCPUs in guest mode at once (tests/kvm-host/README.md). SMP boots are the
     // minimal kernel's test above (`minimal_kernel_boots_two_cpus_...`), which has
