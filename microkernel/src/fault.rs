@@ -298,6 +298,22 @@ mod tests {
         assert_eq!(regs(&k, root).ret, [0, 0x2222, 0x3333], "old ip and sp");
     }
 
+    /// `who` routes `vcpu`'s MMIO exits in `base..base + len` to `h` (NIL: removes the
+    /// route at `base`); returns the status.
+    fn route_mmio(
+        k: &mut K,
+        who: ThreadId,
+        vcpu: ThreadId,
+        base: u64,
+        len: u64,
+        h: ThreadId,
+    ) -> u64 {
+        use crate::abi::guest_route;
+        let a = [vcpu.raw(), base, guest_route::MMIO << 32 | len, h.raw()];
+        sys(k, who, Sysno::GuestRoute, a, msg(0, &[]));
+        regs(k, who).ret[0]
+    }
+
     /// Root makes a guest task whose pager it is: the vCPU's exits reach it as IPC.
     fn guest(k: &mut K, root: ThreadId) -> (ThreadId, crate::abi::TaskId) {
         let flags = crate::abi::task_new::GUEST;
@@ -396,9 +412,7 @@ mod tests {
         assert_eq!(settle(&mut k), Some(dev));
         assert_eq!(ipc(&mut k, dev, NIL, ANY, ZERO, NEVER, msg(0, &[])), switch(&k, root));
         let route = |k: &mut K, who: ThreadId, base: u64, len: u64, h: ThreadId| {
-            let a = [vcpu.raw(), base, guest_route::MMIO << 32 | len, h.raw()];
-            sys(k, who, Sysno::GuestRoute, a, msg(0, &[]));
-            regs(k, who).ret[0]
+            route_mmio(k, who, vcpu, base, len, h)
         };
         assert_eq!(route(&mut k, root, 0xd000_0000, 0x1000, dev), 0);
         assert_eq!(route(&mut k, root, 0xd000_0800, 0x1000, dev), Error::InUse as u64);
@@ -459,17 +473,13 @@ mod tests {
 
     #[test]
     fn an_exit_whose_handler_dies_goes_to_the_new_handler_or_the_pager() {
-        use crate::abi::{guest, guest_route, thread_control};
+        use crate::abi::{guest, thread_control};
         use crate::GuestExit;
         let (mut k, root) = boot();
         let (vcpu, task) = guest(&mut k, root);
         assert_eq!(ipc(&mut k, root, NIL, ANY, ZERO, NEVER, msg(0, &[])), Next::Resume);
         assert_eq!(ipc(&mut k, root, vcpu, NIL, ZERO, ZERO, msg(0, &[])), Next::Resume);
-        let route = |k: &mut K, base: u64, h: ThreadId| {
-            let a = [vcpu.raw(), base, guest_route::MMIO << 32 | 0x1000, h.raw()];
-            sys(k, root, Sysno::GuestRoute, a, msg(0, &[]));
-            regs(k, root).ret[0]
-        };
+        let route = |k: &mut K, base: u64, h: ThreadId| route_mmio(k, root, vcpu, base, 0x1000, h);
         let device = |k: &mut K| {
             let d = spawn_task(k, 20, root);
             assert_eq!(settle(k), Some(d));

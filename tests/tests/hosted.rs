@@ -23,6 +23,34 @@ fn hosted(kernel: &str, initrd: &str, args: &str) -> String {
     )
 }
 
+/// The minimal kernel hosted with 64 MiB, the vmm options `args`, and `script` run as
+/// one shell command by the guest's init.
+fn minimal_running(args: &str, script: &str) -> String {
+    hosted(
+        "minimal/bzImage",
+        "minimal/initramfs.cpio.gz",
+        &format!(
+            "--memory 64M {args} --cmdline 'console=ttyS0 panic=-1 pci=off quiet \
+             lapic=notscdeadline -- \"{script}\"'"
+        ),
+    )
+}
+
+/// The checks every device test makes after its own: no vmm error, `n` device tasks
+/// (returned), and no MMIO exit at the guest server (the tasks had them all).
+fn served_by_device_tasks(run: &Run, n: usize) -> Vec<Task> {
+    assert!(!run.output.contains("vmm: error"), "{}", run.output);
+    let tasks = device_tasks(run);
+    assert_eq!(tasks.len(), n, "device tasks:\n{}", run.output);
+    let (_, _, server_mmio) = exits(run);
+    assert_eq!(
+        server_mmio, 0,
+        "MMIO exits reached the guest server:\n{}",
+        run.output
+    );
+    tasks
+}
+
 fn lines(output: &str) -> Vec<&str> {
     output.lines().map(|l| l.trim_end_matches('\r')).collect()
 }
@@ -201,21 +229,10 @@ fn device_tasks(run: &Run) -> Vec<Task> {
 
 #[test]
 fn disks_and_rng_are_served_by_device_tasks_in_vm0() {
-    let run = check_disks_and_rng("hosted-disks", &|devices, script| {
-        hosted(
-            "minimal/bzImage",
-            "minimal/initramfs.cpio.gz",
-            &format!(
-                "--memory 64M {devices} --cmdline 'console=ttyS0 panic=-1 pci=off quiet \
-                 lapic=notscdeadline -- \"{script}\"'"
-            ),
-        )
-    });
-    assert!(!run.output.contains("vmm: error"), "{}", run.output);
-    // every device had its task: the guest's MMIO exits went there, not to the server,
-    // and each task drove VM0's device behind it
-    let tasks = device_tasks(&run);
-    assert_eq!(tasks.len(), 4, "three disks and the rng:\n{}", run.output);
+    let run = check_disks_and_rng("hosted-disks", &minimal_running);
+    // every device had its task (three disks and the rng): the guest's MMIO exits went
+    // there, not to the server, and each task drove VM0's device behind it
+    let tasks = served_by_device_tasks(&run, 4);
     for (i, t) in tasks.iter().enumerate() {
         assert!(
             t.exits > 20 && t.notifies > 0 && t.requests > 0,
@@ -228,35 +245,19 @@ fn disks_and_rng_are_served_by_device_tasks_in_vm0() {
             "device task {i}: {t:?}"
         );
     }
-    let (_, _, server_mmio) = exits(&run);
-    assert_eq!(
-        server_mmio, 0,
-        "MMIO exits reached the guest server:\n{}",
-        run.output
-    );
     eprintln!("hosted devices: {tasks:?}");
 }
 
 #[test]
 fn network_is_served_by_a_device_task_in_vm0() {
     let run = check_network("hosted-net", &|net, script| {
-        hosted(
-            "minimal/bzImage",
-            "minimal/initramfs.cpio.gz",
-            &format!(
-                "--memory 64M --no-rng {net} --cmdline 'console=ttyS0 panic=-1 pci=off quiet \
-                 lapic=notscdeadline -- \"{script}\"'"
-            ),
-        )
+        minimal_running(&format!("--no-rng {net}"), script)
     });
-    assert!(!run.output.contains("vmm: error"), "{}", run.output);
-    let tasks = device_tasks(&run);
-    assert_eq!(tasks.len(), 1, "one network device task:\n{}", run.output);
+    let t = served_by_device_tasks(&run, 1)[0];
     // 4 MiB each way is thousands of frames through VM0's device; every notification
     // came as an interrupt (eventfd pairing), and frames the task moved into the guest
     // outside an exit were announced by the doorbell — at least the first of the
     // host → guest stream, which finds the guest idle in `nc`'s read
-    let t = tasks[0];
     assert!(
         t.exits > 20
             && t.notifies > 0
@@ -265,41 +266,19 @@ fn network_is_served_by_a_device_task_in_vm0() {
             && t.interrupts > 0,
         "network device task: {t:?}"
     );
-    let (_, _, server_mmio) = exits(&run);
-    assert_eq!(
-        server_mmio, 0,
-        "MMIO exits reached the guest server:\n{}",
-        run.output
-    );
     eprintln!("hosted network: {t:?}");
 }
 
 #[test]
 fn vsock_is_served_by_a_device_task_in_vm0() {
     let run = check_vsock("hosted-vsock", &|vsock, script| {
-        hosted(
-            "minimal/bzImage",
-            "minimal/initramfs.cpio.gz",
-            &format!(
-                "--memory 64M --no-rng {vsock} --cmdline 'console=ttyS0 panic=-1 pci=off quiet \
-                 lapic=notscdeadline -- \"{script}\"'"
-            ),
-        )
+        minimal_running(&format!("--no-rng {vsock}"), script)
     });
-    assert!(!run.output.contains("vmm: error"), "{}", run.output);
-    let tasks = device_tasks(&run);
-    assert_eq!(tasks.len(), 1, "one vsock device task:\n{}", run.output);
     // both connections' packets went through VM0's vsock device
-    let t = tasks[0];
+    let t = served_by_device_tasks(&run, 1)[0];
     assert!(
         t.notifies > 0 && t.by_irq == t.notifies && t.requests >= 8,
         "vsock device task: {t:?}"
-    );
-    let (_, _, server_mmio) = exits(&run);
-    assert_eq!(
-        server_mmio, 0,
-        "MMIO exits reached the guest server:\n{}",
-        run.output
     );
 }
 
@@ -343,13 +322,9 @@ fn check_restart(scratch: &str, flags: &str) {
         echo RNGBYTES=$(dd if=/dev/hwrng bs=64 count=4 2>/dev/null | wc -c); \
         echo DONE=1";
     let run = run_guest(
-        &hosted(
-            "minimal/bzImage",
-            "minimal/initramfs.cpio.gz",
-            &format!(
-                "--memory 64M --disk {rel}/w.img --test-device-faults {flags} --cmdline 'console=ttyS0 \
-                 panic=-1 pci=off quiet lapic=notscdeadline -- \"{script}\"'"
-            ),
+        &minimal_running(
+            &format!("--disk {rel}/w.img --test-device-faults {flags}"),
+            script,
         ),
         TIMEOUT,
     );

@@ -139,11 +139,16 @@ pub fn run(cfg: &VmConfig) -> Result<Outcome, VmmError> {
     // Open disks, taps and sockets first: their errors are the user's to fix.
     let prepared = virtio::prepare(&cfg.devices)?;
     let outcome = run_prepared(cfg, prepared);
+    remove_vsock_socket(cfg);
+    outcome
+}
+
+/// After a run (native or hosted): the vsock listening socket is ours, and a stale one
+/// would make the next run fail.
+pub(crate) fn remove_vsock_socket(cfg: &VmConfig) {
     if let Some(v) = &cfg.devices.vsock {
-        // The listening socket is ours; a stale one would make the next run fail.
         let _ = std::fs::remove_file(&v.socket);
     }
-    outcome
 }
 
 fn run_prepared(cfg: &VmConfig, prepared: virtio::Prepared) -> Result<Outcome, VmmError> {

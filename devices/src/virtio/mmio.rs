@@ -365,22 +365,32 @@ impl<D: VirtioDevice, M: GuestMemory> MmioTransport<D, M> {
             if self.status & status::FEATURES_OK == 0 && new & status::FEATURES_OK == 0 {
                 return;
             }
-            let event_idx = self.driver_features & RING_EVENT_IDX != 0;
-            let mem: &dyn GuestMemory = &self.mem;
-            let mut valid = true;
-            for q in self.queues.iter_mut().filter(|q| q.ready) {
-                q.set_event_idx(event_idx);
-                valid &= q.validate(mem).is_ok();
-            }
             self.status = v;
-            if !valid {
-                self.needs_reset();
-                return;
-            }
-            self.device.activate(self.driver_features);
+            self.start_queues(false);
             return;
         }
         self.status = v;
+    }
+
+    /// The driver's queues go live (at `DRIVER_OK`, or in a restored instance with
+    /// `resume`): each ready queue learns the negotiated event-index mode, is validated
+    /// and, with `resume`, takes up where its used ring says; then the device is
+    /// activated. A queue that fails means `DEVICE_NEEDS_RESET` instead. Returns whether
+    /// the device went live.
+    fn start_queues(&mut self, resume: bool) -> bool {
+        let event_idx = self.driver_features & RING_EVENT_IDX != 0;
+        let mem: &dyn GuestMemory = &self.mem;
+        let mut valid = true;
+        for q in self.queues.iter_mut().filter(|q| q.ready) {
+            q.set_event_idx(event_idx);
+            valid &= q.validate(mem).is_ok() && (!resume || q.resume(mem).is_ok());
+        }
+        if !valid {
+            self.needs_reset();
+            return false;
+        }
+        self.device.activate(self.driver_features);
+        true
     }
 
     fn reset(&mut self) {
@@ -461,23 +471,10 @@ impl<D: VirtioDevice, M: GuestMemory> MmioTransport<D, M> {
             q.avail_ring = s.avail_ring;
             q.used_ring = s.used_ring;
         }
-        if !self.is_active() {
-            return Ok(());
+        if self.is_active() && self.start_queues(true) {
+            self.isr.fetch_or(INT_USED_RING, Ordering::SeqCst);
+            self.interrupt.trigger();
         }
-        let event_idx = self.driver_features & RING_EVENT_IDX != 0;
-        let mem: &dyn GuestMemory = &self.mem;
-        let mut valid = true;
-        for q in self.queues.iter_mut().filter(|q| q.ready) {
-            q.set_event_idx(event_idx);
-            valid &= q.validate(mem).is_ok() && q.resume(mem).is_ok();
-        }
-        if !valid {
-            self.needs_reset();
-            return Ok(());
-        }
-        self.device.activate(self.driver_features);
-        self.isr.fetch_or(INT_USED_RING, Ordering::SeqCst);
-        self.interrupt.trigger();
         Ok(())
     }
 

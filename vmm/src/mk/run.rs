@@ -51,10 +51,7 @@ pub fn run_hosted(cfg: &VmConfig, faults: bool, pairing: bool) -> Result<Outcome
     // the device windows are filled in once VM0's devices are attached
     let firmware = Firmware::Linux(Box::new(cfg.clone()), Vec::new());
     let outcome = boot_vm0(mode, firmware, VM0_MEMORY + cfg.mem_size, Some(prepared));
-    if let Some(v) = &cfg.devices.vsock {
-        // as natively: the listening socket is ours, and a stale one would fail the next run
-        let _ = std::fs::remove_file(&v.socket);
-    }
+    crate::vm::remove_vsock_socket(cfg);
     outcome
 }
 

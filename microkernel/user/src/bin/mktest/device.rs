@@ -271,12 +271,58 @@ impl EntropySource for Vm0Entropy {
 /// plain frames of at most the tap's MTU, which the guest always accepts.
 struct Vm0Net {
     drv: Driver,
-    /// Receive buffers were offered again since the last notification.
+    rx: RxRing,
+}
+
+/// Receive buffers kept offered on queue 0 of VM0's device (network, vsock): buffer
+/// `i` is descriptor `i`, `len` bytes at `at + i * len` in the DMA window, offered
+/// again as soon as what the device put into it has been taken out.
+struct RxRing {
+    at: u64,
+    len: u32,
+    /// Buffers were offered again since the last notification.
     refill: bool,
 }
 
+impl RxRing {
+    const Q: usize = 0;
+
+    /// Offer every buffer to `drv`'s device. They must lie past `free` (where the
+    /// caller's own buffers end) and inside the DMA window.
+    fn start(drv: &mut Driver, at: u64, len: u32, free: u64) -> Result<Self, DriverError> {
+        let end = at + u64::from(vdriver::QUEUE_SIZE) * u64::from(len);
+        if free > at || end > drv.dma().len() {
+            return Err(DriverError::Dma);
+        }
+        let mut ring = Self { at, len, refill: false };
+        for i in 0..vdriver::QUEUE_SIZE {
+            ring.give_back(drv, i)?;
+        }
+        ring.kick(drv);
+        Ok(ring)
+    }
+
+    /// Buffer `i`'s offset in the DMA window.
+    fn offset(&self, i: u16) -> u64 {
+        self.at + u64::from(i) * u64::from(self.len)
+    }
+
+    /// Offer buffer `i` (descriptor `i`) to the device again.
+    fn give_back(&mut self, drv: &mut Driver, i: u16) -> Result<(), DriverError> {
+        drv.offer(Self::Q, i, &[(self.offset(i), self.len, true)])?;
+        self.refill = true;
+        Ok(())
+    }
+
+    /// Tell the device about the buffers offered since the last time.
+    fn kick(&mut self, drv: &Driver) {
+        if core::mem::take(&mut self.refill) {
+            drv.notify(Self::Q);
+        }
+    }
+}
+
 impl Vm0Net {
-    const RX: usize = 0;
     const TX: usize = 1;
     /// The transmit buffer: a whole frame as the guest's device may send it.
     const TX_AT: u64 = vdriver::DATA;
@@ -292,26 +338,10 @@ impl Vm0Net {
         | net::feature::HOST_TSO6
         | net::feature::HOST_ECN;
 
-    fn new(drv: Driver) -> Result<Self, DriverError> {
-        if Self::TX_AT + Self::TX_LEN as u64 > Self::RX_AT {
-            return Err(DriverError::Dma);
-        }
-        let mut net = Self { drv, refill: false };
-        for i in 0..vdriver::QUEUE_SIZE {
-            net.offer_rx(i)?;
-        }
-        net.drv.notify(Self::RX);
-        Ok(net)
-    }
-
-    /// Receive buffer `i`'s offset in the DMA window.
-    fn rx_at(i: u16) -> u64 {
-        Self::RX_AT + u64::from(i) * u64::from(Self::RX_LEN)
-    }
-
-    /// Offer receive buffer `i` (descriptor `i`) to VM0's device.
-    fn offer_rx(&mut self, i: u16) -> Result<(), DriverError> {
-        self.drv.offer(Self::RX, i, &[(Self::rx_at(i), Self::RX_LEN, true)])
+    fn new(mut drv: Driver) -> Result<Self, DriverError> {
+        let tx_end = Self::TX_AT + Self::TX_LEN as u64;
+        let rx = RxRing::start(&mut drv, Self::RX_AT, Self::RX_LEN, tx_end)?;
+        Ok(Self { drv, rx })
     }
 
     fn mac(&self) -> [u8; 6] {
@@ -338,19 +368,16 @@ impl NetBackend for Vm0Net {
     }
 
     fn recv(&mut self, buf: &mut [u8]) -> Result<Option<usize>, NetError> {
-        let Some((i, len)) = self.drv.used(Self::RX).map_err(|_| NetError::Io(EIO))? else {
-            if core::mem::take(&mut self.refill) {
-                self.drv.notify(Self::RX);
-            }
+        let Some((i, len)) = self.drv.used(RxRing::Q).map_err(|_| NetError::Io(EIO))? else {
+            self.rx.kick(&self.drv);
             return Ok(None);
         };
         REQUESTS.fetch_add(1, Ordering::Relaxed);
         let n = (len.min(Self::RX_LEN) as usize).min(buf.len());
-        let at = self.drv.phys(Self::rx_at(i));
+        let at = self.drv.phys(self.rx.offset(i));
         let read = self.drv.dma().read(at, &mut buf[..n]);
         // the buffer goes back to VM0's device whatever became of its frame
-        self.offer_rx(i).map_err(|_| NetError::Io(EIO))?;
-        self.refill = true;
+        self.rx.give_back(&mut self.drv, i).map_err(|_| NetError::Io(EIO))?;
         read.map_err(|_| NetError::Io(EIO))?;
         Ok(Some(n))
     }
@@ -370,14 +397,13 @@ impl NetBackend for Vm0Net {
 /// (only data packets carry payload, and a stream may be split anywhere).
 struct Vm0Vsock {
     drv: Driver,
-    refill: bool,
+    rx: RxRing,
     /// The packet being handed over: header, its receive buffer, payload length, bytes
     /// handed over so far.
     part: Option<(PacketHeader, u16, usize, usize)>,
 }
 
 impl Vm0Vsock {
-    const RX: usize = 0;
     const TX: usize = 1;
     /// The transmit buffer: header and the largest payload.
     const TX_AT: u64 = vdriver::DATA;
@@ -386,37 +412,21 @@ impl Vm0Vsock {
     const RX_AT: u64 = 0x1_3000;
     const RX_LEN: u32 = 0x1100;
 
-    fn new(drv: Driver) -> Result<Self, DriverError> {
-        let end = Self::RX_AT + u64::from(vdriver::QUEUE_SIZE) * u64::from(Self::RX_LEN);
-        if Self::TX_AT + Self::TX_LEN as u64 > Self::RX_AT || end > 1 << DMA_LOG2 {
-            return Err(DriverError::Dma);
-        }
-        let mut v = Self { drv, refill: false, part: None };
-        for i in 0..vdriver::QUEUE_SIZE {
-            v.offer_rx(i)?;
-        }
-        v.drv.notify(Self::RX);
-        Ok(v)
-    }
-
-    fn rx_at(i: u16) -> u64 {
-        Self::RX_AT + u64::from(i) * u64::from(Self::RX_LEN)
-    }
-
-    fn offer_rx(&mut self, i: u16) -> Result<(), DriverError> {
-        self.drv.offer(Self::RX, i, &[(Self::rx_at(i), Self::RX_LEN, true)])
+    fn new(mut drv: Driver) -> Result<Self, DriverError> {
+        let tx_end = Self::TX_AT + Self::TX_LEN as u64;
+        let rx = RxRing::start(&mut drv, Self::RX_AT, Self::RX_LEN, tx_end)?;
+        Ok(Self { drv, rx, part: None })
     }
 
     /// The next packet from VM0's device: header, buffer, payload length.
     fn next(&mut self) -> Option<(PacketHeader, u16, usize)> {
-        let (i, used) = self.drv.used(Self::RX).ok()??;
+        let (i, used) = self.drv.used(RxRing::Q).ok()??;
         REQUESTS.fetch_add(1, Ordering::Relaxed);
         let mut raw = [0u8; vsock::HDR_LEN];
-        let at = self.drv.phys(Self::rx_at(i));
+        let at = self.drv.phys(self.rx.offset(i));
         if (used as usize) < raw.len() || self.drv.dma().read(at, &mut raw).is_err() {
             // nothing usable in it: the buffer goes back
-            let _ = self.offer_rx(i);
-            self.refill = true;
+            let _ = self.rx.give_back(&mut self.drv, i);
             return None;
         }
         let hdr = PacketHeader::from_bytes(&raw);
@@ -452,28 +462,25 @@ impl VsockBackend for Vm0Vsock {
             None => match self.next() {
                 Some((h, i, len)) => (h, i, len, 0),
                 None => {
-                    if core::mem::take(&mut self.refill) {
-                        self.drv.notify(Self::RX);
-                    }
+                    self.rx.kick(&self.drv);
                     return None;
                 }
             },
         };
         let n = (len - done).min(payload.len());
-        let at = self.drv.phys(Self::rx_at(i)) + (vsock::HDR_LEN + done) as u64;
+        let at = self.drv.phys(self.rx.offset(i)) + (vsock::HDR_LEN + done) as u64;
         let read = self.drv.dma().read(at, &mut payload[..n]);
         *hdr = h;
         if done + n < len && read.is_ok() {
             self.part = Some((h, i, len, done + n));
         } else {
-            let _ = self.offer_rx(i);
-            self.refill = true;
+            let _ = self.rx.give_back(&mut self.drv, i);
         }
         read.ok().map(|()| n)
     }
 
     fn has_pending(&self) -> bool {
-        self.part.is_some() || self.drv.has_used(Self::RX)
+        self.part.is_some() || self.drv.has_used(RxRing::Q)
     }
 }
 
@@ -504,7 +511,8 @@ pub extern "C" fn task() -> ! {
         let bell = unsafe { Regs::at(WINDOW + DOORBELL_AT) };
         (bell, mkrt::bootinfo::layout::NOTIFY_IRQ_BASE + index as u16)
     });
-    let how = Serve { index, base: 0, pin, state, flags, paired };
+    let base = mkrt::bootinfo::layout::DEVICE_PHYS + index * 4096;
+    let how = Serve { index, base, pin, state, flags, paired };
     // what to ask of VM0's device and how many queues it has, by its type (read before
     // the driver resets it): a network interface two, the others one
     let (accept, queues) = match regs.read32(devices::virtio::mmio::reg::DEVICE_ID) {
@@ -521,7 +529,6 @@ pub extern "C" fn task() -> ! {
             park()
         }
     };
-    let how = Serve { base: mkrt::bootinfo::layout::DEVICE_PHYS + index * 4096, ..how };
     let vm0 = drv.irq();
     match drv.device_id {
         device_type::BLOCK => {
@@ -613,9 +620,8 @@ impl Serve {
 /// the guest's interrupt, raise it now — by the doorbell (paired) or with
 /// `guest_interrupt` — since there is no exit to answer. A paired notification is the
 /// same: unmask the line first (a notification after that interrupts again; one before
-/// it is in the rings looked at next), run every queue, raise by the doorbell. After a
-/// queue notification the model is asked again too: a transmit may have consumed VM0's
-/// interrupt that announced a received frame.
+/// it is in the rings looked at next), run every queue (`notified`), raise by the
+/// doorbell.
 fn serve<D: VirtioDevice, M: GuestMemory>(mut t: MmioTransport<D, M>, how: Serve, vm0: Irq) -> ! {
     let (base, pin) = (how.base, how.pin);
     if how.flags & boot::RESTARTED != 0 {
@@ -662,14 +668,9 @@ fn serve<D: VirtioDevice, M: GuestMemory>(mut t: MmioTransport<D, M>, how: Serve
         }
         if let Some((_, line)) = how.paired.filter(|&(_, l)| from == ThreadId::irq(l)) {
             let _ = sys::irq_control(irq_control::ACK, line.into(), ThreadId::NIL);
-            crash_if(point::BEFORE);
-            for q in 0..queues {
-                t.notify(q);
-            }
             notifies += 1;
             by_irq += 1;
-            t.backend_ready();
-            crash_if(point::AFTER);
+            notified(&mut t, |t| (0..queues).for_each(|q| t.notify(q)));
             interrupts += raise(&how, vcpu);
             keep(&how, &t, &mut saved);
             (from, m) = wait();
@@ -702,22 +703,21 @@ fn serve<D: VirtioDevice, M: GuestMemory>(mut t: MmioTransport<D, M>, how: Serve
                 ARMED.store(m.word(2), Ordering::Relaxed);
                 0
             }
+            guest::MMIO_WRITE if offset == devices::virtio::mmio::reg::QUEUE_NOTIFY => {
+                notifies += 1;
+                notified(&mut t, |t| t.write(offset, &m.word(2).to_le_bytes()[..size]));
+                0
+            }
             guest::MMIO_WRITE if offset < 4096 => {
-                let notify = offset == devices::virtio::mmio::reg::QUEUE_NOTIFY;
-                if notify {
-                    crash_if(point::BEFORE);
-                }
                 t.write(offset, &m.word(2).to_le_bytes()[..size]);
-                if notify {
-                    notifies += 1;
-                    t.backend_ready();
-                    crash_if(point::AFTER);
-                }
                 0
             }
             _ => u64::MAX,
         };
-        keep(&how, &t, &mut saved);
+        // only a write can change the driver's setup
+        if kind == guest::MMIO_WRITE {
+            keep(&how, &t, &mut saved);
+        }
         let pulse = if RAISED.swap(false, Ordering::SeqCst) { 1 << pin } else { 0 };
         let mut reply = Msg::new(0, &[value, pulse]);
         (from, m) = match reply_wait(from, &mut reply) {
@@ -725,6 +725,20 @@ fn serve<D: VirtioDevice, M: GuestMemory>(mut t: MmioTransport<D, M>, how: Serve
             Err(_) => wait(),
         };
     }
+}
+
+/// A queue notification, however it came (an exit, or the paired line's interrupt):
+/// `kick` hands it to the transport; then the model is asked for backend input too (a
+/// transmit may have consumed VM0's interrupt that announced a received frame). The
+/// test-only crash points `BEFORE` and `AFTER` are around it.
+fn notified<D: VirtioDevice, M: GuestMemory>(
+    t: &mut MmioTransport<D, M>,
+    kick: impl FnOnce(&mut MmioTransport<D, M>),
+) {
+    crash_if(point::BEFORE);
+    kick(t);
+    t.backend_ready();
+    crash_if(point::AFTER);
 }
 
 /// Keep the driver's setup where a restarted instance finds it, if it changed since

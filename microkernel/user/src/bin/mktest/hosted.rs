@@ -472,7 +472,8 @@ impl Device {
         root.kill(old);
         self.thread = new;
         // the old task's fault is dealt with; one of the new task's stays noted
-        let _ = FAULTED[i as usize].compare_exchange(old.raw(), 0, Ordering::SeqCst, Ordering::SeqCst);
+        let _ =
+            FAULTED[i as usize].compare_exchange(old.raw(), 0, Ordering::SeqCst, Ordering::SeqCst);
         println!(
             "root: device task {i} (thread {:#x}) faulted; restarted as thread {:#x} ({} restarts)",
             old.raw(),
@@ -510,11 +511,11 @@ pub fn run(
             println!("root: device task {i}: no memory for its DMA buffer and state page");
             return (port::ENDED_FAILED, 1);
         };
-        match d.start(root, (base, size), pool_phys, flags) {
-            Ok(t) => words[3 + i as usize] = t.raw(),
-            Err(()) => return (port::ENDED_FAILED, 1),
-        }
-        d.thread = ThreadId(words[3 + i as usize] as u32);
+        let Ok(t) = d.start(root, (base, size), pool_phys, flags) else {
+            return (port::ENDED_FAILED, 1);
+        };
+        d.thread = t;
+        words[3 + i as usize] = t.raw();
         table.push(d);
     }
     let s = match root.spawn(server, task_new::PRIVILEGED) {
